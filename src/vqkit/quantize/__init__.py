@@ -1,0 +1,32 @@
+"""vqkit.quantize: the library core. Plain torch; no Lightning, no I/O."""
+
+from .distance import nearest, pairwise_sqdist
+from .kmeans import KMeansResult, kmeans, kmeans_plusplus
+from .maintenance import DeadCodeRestart, EMAUpdate, KMeansInit, KMeansReestimate, Maintenance
+from .quantizer import QuantizerOutput, VectorQuantizer, reset_optimizer_state
+from .regularizers import EntropyPenalty, Regularizer
+from .reservoir import ReservoirSampler
+from .usage import CodeUsage, EMAUsageStats, UsageStats, usage_stats
+
+__all__ = [
+    "CodeUsage",
+    "DeadCodeRestart",
+    "EMAUpdate",
+    "EMAUsageStats",
+    "EntropyPenalty",
+    "KMeansInit",
+    "KMeansReestimate",
+    "KMeansResult",
+    "Maintenance",
+    "QuantizerOutput",
+    "Regularizer",
+    "ReservoirSampler",
+    "UsageStats",
+    "VectorQuantizer",
+    "kmeans",
+    "kmeans_plusplus",
+    "nearest",
+    "pairwise_sqdist",
+    "reset_optimizer_state",
+    "usage_stats",
+]

@@ -1,0 +1,439 @@
+"""Strategies that keep a codebook alive, each a small module with its state in buffers.
+
+They are handed to the quantizer (``maintenance=[KMeansReestimate(every=2000)]``) and driven by
+its step counter: ``before_quantize`` sees every training batch before assignment (reservoirs
+fill, schedules fire), ``after_assign`` sees the assignment (usage-based restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed as D
+from .distance import nearest
+from .kmeans import kmeans, kmeans_plusplus
+from .reservoir import ReservoirSampler
+
+if TYPE_CHECKING:
+    from .quantizer import VectorQuantizer
+
+log = logging.getLogger("vqkit.quantize")
+
+
+class EMAUpdate(nn.Module):
+    """Learn the codebook as moving averages of its assigned vectors (VQ-VAE appendix, Sonnet).
+
+    ``cluster_size`` and ``embed_sum`` start consistent with the initial codes (one pseudo-count
+    at each code) so unused codes neither blow up nor jump; cluster sizes are Laplace-smoothed.
+    """
+
+    def __init__(self, decay: float = 0.99, eps: float = 1e-5) -> None:
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.decay = decay
+        self.eps = eps
+        self._bound = False
+
+    def bind(self, quantizer: VectorQuantizer) -> None:
+        if self._bound:
+            raise ValueError("this EMAUpdate is already bound to a quantizer; make one per quantizer")
+        self._bound = True
+        k = quantizer.codebook_size
+        self.register_buffer("cluster_size", torch.ones(k))
+        self.register_buffer("embed_sum", quantizer.codebook.detach().clone().float())
+
+    @torch.no_grad()
+    def update(self, quantizer: VectorQuantizer, counts: Tensor, sums: Tensor) -> None:
+        d = self.decay
+        self.cluster_size.mul_(d).add_(counts, alpha=1.0 - d)
+        self.embed_sum.mul_(d).add_(sums, alpha=1.0 - d)
+        n = self.cluster_size.sum()
+        k = self.cluster_size.numel()
+        smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
+        codes = self.embed_sum / smoothed[:, None]
+        if quantizer.distance == "cosine":
+            codes = F.normalize(codes, dim=1)
+        quantizer.codebook.copy_(codes.to(quantizer.codebook.dtype))
+
+    @torch.no_grad()
+    def on_codes_replaced(self, quantizer: VectorQuantizer, mask: Tensor, counts: Tensor) -> None:
+        self.cluster_size[mask] = counts[mask]
+        self.embed_sum[mask] = quantizer.codebook.float()[mask] * counts[mask, None]
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}, eps={self.eps}"
+
+
+class Maintenance(nn.Module):
+    """Base class of codebook-maintenance strategies."""
+
+    def bind(self, quantizer: VectorQuantizer) -> None:
+        """Called once by the owning quantizer: create buffers sized to its codebook."""
+
+    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+        """Training forwards only, before assignment. Return True to pass ``z`` through
+        unquantized this step (warm-up)."""
+        return False
+
+    def after_assign(
+        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+    ) -> None:
+        """Training forwards only, after assignment; ``counts`` are global per-code counts."""
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _make_reservoir(
+    quantizer: VectorQuantizer, size: int, owner: str, dtype: torch.dtype, device, seed: int
+) -> ReservoirSampler:
+    if size < quantizer.codebook_size:
+        raise ValueError(
+            f"{owner}: reservoir_size ({size}) must be >= codebook_size "
+            f"({quantizer.codebook_size}), or k-means could never run"
+        )
+    return ReservoirSampler(size, quantizer.codebook_dim, dtype=dtype, device=device, seed=seed)
+
+
+def _tokens_per_step(quantizer: VectorQuantizer, z: Tensor) -> int:
+    return quantizer._last_tokens or z.shape[0] * D.world_size()
+
+
+def _kmeans_on_rank0(
+    quantizer: VectorQuantizer, x: Tensor, step: int, seed: int, iters: int, **kw
+) -> tuple[Tensor, Tensor, float]:
+    """Run k-means once (rank 0) and return (centers, per-center counts, inertia); other ranks
+    get placeholders that ``replace_codes`` overwrites by broadcast."""
+    k = quantizer.codebook_size
+    dev = quantizer.codebook.device
+    if D.rank() == 0:
+        res = kmeans(x.to(dev, torch.float32), k, iters=iters, seed=seed + step, **kw)
+        counts = torch.bincount(res.assignments, minlength=k).float()
+        return res.centers, counts, res.inertia
+    return (
+        torch.zeros(k, quantizer.codebook_dim, device=dev),
+        torch.zeros(k, device=dev),
+        float("nan"),
+    )
+
+
+class _Cached(Maintenance):
+    """Keeps Python mirrors of scalar buffers to avoid a device sync per step."""
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        self._cache_valid = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class KMeansInit(_Cached):
+    """Warm up unquantized while a reservoir fills, then set the codebook to its k-means centers.
+
+    ``warmup_steps=0`` initializes from the first batch(es), like ``kmeans_init`` elsewhere; if
+    the reservoir still holds fewer vectors than codes, it keeps filling and retries each step.
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int = 0,
+        reservoir_size: int = 16384,
+        *,
+        iters: int = 50,
+        seed: int = 0,
+        reservoir_dtype: torch.dtype = torch.float32,
+        reservoir_device: str | None = None,
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        _check_positive("reservoir_size", reservoir_size)
+        _check_positive("iters", iters)
+        self.warmup_steps = warmup_steps
+        self.reservoir_size = reservoir_size
+        self.iters = iters
+        self.seed = seed
+        self._res_args = (reservoir_dtype, reservoir_device)
+        self.register_buffer("done", torch.zeros((), dtype=torch.bool))
+        self._cache_valid = False
+        self._done = False
+
+    def bind(self, quantizer: VectorQuantizer) -> None:
+        dtype, device = self._res_args
+        self.reservoir = _make_reservoir(
+            quantizer, self.reservoir_size, "KMeansInit", dtype, device, self.seed
+        )
+
+    def is_done(self) -> bool:
+        if not self._cache_valid:
+            self._done, self._cache_valid = bool(self.done), True
+        return self._done
+
+    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+        if self.is_done():
+            return False
+        self.reservoir.add(z)
+        step = quantizer.current_step
+        if step < self.warmup_steps:
+            return True
+        x = self.reservoir.contents()
+        k = quantizer.codebook_size
+        if x.shape[0] < k:
+            if D.rank() == 0:
+                log.info(
+                    "k-means init at step %d skipped: %d samples < %d codes; retrying next step",
+                    step, x.shape[0], k,
+                )
+            return False
+        t0 = time.perf_counter()
+        centers, counts, inertia = _kmeans_on_rank0(quantizer, x, step, self.seed, self.iters)
+        counts = counts * _tokens_per_step(quantizer, z) / x.shape[0]
+        mask = torch.ones(k, dtype=torch.bool, device=quantizer.codebook.device)
+        quantizer.replace_codes(mask, centers, counts)
+        self.reservoir.reset()
+        self.done.fill_(True)
+        self._done = True
+        if D.rank() == 0:
+            log.info(
+                "k-means init at step %d done in %.2f s: %d samples -> %d codes, inertia %.4g",
+                step, time.perf_counter() - t0, x.shape[0], k, inertia,
+            )
+        return False
+
+    def extra_repr(self) -> str:
+        return f"warmup_steps={self.warmup_steps}, reservoir_size={self.reservoir_size}"
+
+
+class KMeansReestimate(Maintenance):
+    """Periodic k-means re-estimation from a reservoir of encoder outputs (VQFR), fixed.
+
+    ``mode="full"`` replaces the whole codebook by the k-means centers of the reservoir, as VQFR
+    does. ``mode="dead"`` keeps every code used at least ``min_usage`` times since the last
+    re-estimation and re-places only the others: new centers are seeded by k-means++ among the
+    reservoir vectors the live codes serve worst, then refined by Lloyd steps in which the live
+    codes stay frozen. Runs at steps ``every, 2*every, ...`` below ``until``; the reservoir
+    fills on every training step below ``until``.
+    """
+
+    def __init__(
+        self,
+        every: int = 2000,
+        until: int = 30000,
+        reservoir_size: int = 16384,
+        *,
+        mode: str = "full",
+        min_usage: int = 1,
+        reset_reservoir: bool = True,
+        warm_start: bool = False,
+        iters: int = 20,
+        seed: int = 0,
+        reservoir_dtype: torch.dtype = torch.float32,
+        reservoir_device: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("every", every)
+        _check_positive("until", until)
+        _check_positive("reservoir_size", reservoir_size)
+        _check_positive("iters", iters)
+        if mode not in ("full", "dead"):
+            raise ValueError(f"mode must be 'full' or 'dead', got {mode!r}")
+        if min_usage < 1:
+            raise ValueError(f"min_usage must be >= 1, got {min_usage}")
+        self.every = every
+        self.until = until
+        self.reservoir_size = reservoir_size
+        self.mode = mode
+        self.min_usage = min_usage
+        self.reset_reservoir = reset_reservoir
+        self.warm_start = warm_start
+        self.iters = iters
+        self.seed = seed
+        self._res_args = (reservoir_dtype, reservoir_device)
+
+    def bind(self, quantizer: VectorQuantizer) -> None:
+        dtype, device = self._res_args
+        self.reservoir = _make_reservoir(
+            quantizer, self.reservoir_size, "KMeansReestimate", dtype, device, self.seed
+        )
+        self.register_buffer(
+            "counts_since", torch.zeros(quantizer.codebook_size, dtype=torch.long)
+        )
+
+    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+        step = quantizer.current_step
+        if step >= self.until:
+            return False
+        self.reservoir.add(z)
+        if step > 0 and step % self.every == 0:
+            self.reestimate(quantizer, step, _tokens_per_step(quantizer, z))
+        return False
+
+    def after_assign(
+        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+    ) -> None:
+        if self.mode == "dead" and quantizer.current_step < self.until:
+            self.counts_since.add_(counts.long())
+
+    @torch.no_grad()
+    def reestimate(self, quantizer: VectorQuantizer, step: int, tokens_per_step: int) -> int:
+        """Run one re-estimation now; returns the number of codes replaced (0 when skipped)."""
+        x = self.reservoir.contents()
+        k = quantizer.codebook_size
+        n = x.shape[0]
+        rank0 = D.rank() == 0
+        if n < k:
+            # The reservoir is replicated, so every rank takes this branch together: no hang.
+            if rank0:
+                log.info("k-means re-estimation at step %d skipped: %d samples < %d codes",
+                         step, n, k)
+            return 0
+        dev = quantizer.codebook.device
+        t0 = time.perf_counter()
+        if self.mode == "full":
+            if rank0:
+                log.info("k-means re-estimation at step %d: %d samples -> %d codes", step, n, k)
+            init = quantizer.effective_codebook().detach() if self.warm_start else "k-means++"
+            centers, counts, inertia = _kmeans_on_rank0(
+                quantizer, x, step, self.seed, self.iters, init=init
+            )
+            mask = torch.ones(k, dtype=torch.bool, device=dev)
+        else:
+            mask = self.counts_since < self.min_usage
+            n_dead = int(mask.sum())
+            if n_dead == 0:
+                if rank0:
+                    log.info("k-means re-estimation at step %d: no code used < %d times, "
+                             "nothing replaced", step, self.min_usage)
+                self._after(quantizer)
+                return 0
+            if rank0:
+                log.info("k-means re-estimation at step %d: %d samples -> %d dead of %d codes",
+                         step, n, n_dead, k)
+            centers, counts, inertia = self._dead_centers(quantizer, x, mask, step)
+        counts = counts * tokens_per_step / n
+        replaced = quantizer.replace_codes(mask, centers[mask], counts[mask])
+        self._after(quantizer)
+        if rank0:
+            log.info("k-means re-estimation at step %d done in %.2f s, inertia %.4g, "
+                     "%d codes replaced", step, time.perf_counter() - t0, inertia, replaced)
+        return replaced
+
+    def _dead_centers(
+        self, quantizer: VectorQuantizer, x: Tensor, dead: Tensor, step: int
+    ) -> tuple[Tensor, Tensor, float]:
+        k = quantizer.codebook_size
+        dev = quantizer.codebook.device
+        if D.rank() != 0:
+            return torch.zeros(k, quantizer.codebook_dim, device=dev), torch.zeros(k, device=dev), 0.0
+        x = x.to(dev, torch.float32)
+        codes = quantizer.effective_codebook().detach().clone()
+        seed = self.seed + step
+        codes[dead] = kmeans_plusplus(x, int(dead.sum()), seed=seed, existing=codes[~dead])
+        res = kmeans(x, k, init=codes, frozen=~dead, iters=self.iters, seed=seed)
+        return res.centers, torch.bincount(res.assignments, minlength=k).float(), res.inertia
+
+    def _after(self, quantizer: VectorQuantizer) -> None:
+        self.counts_since.zero_()
+        if self.reset_reservoir:
+            self.reservoir.reset()
+
+    def extra_repr(self) -> str:
+        return (f"every={self.every}, until={self.until}, reservoir_size={self.reservoir_size}, "
+                f"mode={self.mode!r}, min_usage={self.min_usage}")
+
+
+class DeadCodeRestart(Maintenance):
+    """Restart codes whose EMA usage count falls below ``threshold`` (Jukebox / SoundStream).
+
+    The EMA count is ``quantizer.usage.ema_counts``: an average of per-batch global counts. Dead
+    codes restart at randomly drawn encoder outputs, from this batch (rank 0's, broadcast) or
+    from a replicated reservoir. A restarted code's EMA count is set to the number of this
+    batch's tokens it now captures, floored at ``threshold``, so it is not re-killed at once.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 2.0,
+        source: str = "batch",
+        *,
+        every: int = 1,
+        reservoir_size: int = 16384,
+        seed: int = 0,
+        reservoir_dtype: torch.dtype = torch.float32,
+        reservoir_device: str | None = None,
+    ) -> None:
+        super().__init__()
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if source not in ("batch", "reservoir"):
+            raise ValueError(f"source must be 'batch' or 'reservoir', got {source!r}")
+        _check_positive("every", every)
+        _check_positive("reservoir_size", reservoir_size)
+        self.threshold = threshold
+        self.source = source
+        self.every = every
+        self.reservoir_size = reservoir_size
+        self.seed = seed
+        self._res_args = (reservoir_dtype, reservoir_device)
+
+    def bind(self, quantizer: VectorQuantizer) -> None:
+        if self.source == "reservoir":
+            dtype, device = self._res_args
+            self.reservoir = _make_reservoir(
+                quantizer, self.reservoir_size, "DeadCodeRestart", dtype, device, self.seed
+            )
+
+    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+        if self.source == "reservoir":
+            self.reservoir.add(z)
+        return False
+
+    @torch.no_grad()
+    def after_assign(
+        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+    ) -> None:
+        step = quantizer.current_step
+        if step % self.every:
+            return
+        dead = quantizer.usage.ema_counts < self.threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        pool = z if self.source == "batch" else self.reservoir.contents().to(z.device, z.dtype)
+        new = torch.zeros(n_dead, z.shape[1], device=z.device, dtype=torch.float32)
+        if D.rank() == 0 and pool.shape[0] > 0:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            if pool.shape[0] >= n_dead:
+                pick = torch.randperm(pool.shape[0], generator=g)[:n_dead]
+            else:
+                pick = torch.randint(pool.shape[0], (n_dead,), generator=g)
+            new = pool[pick.to(pool.device)].float()
+        D.broadcast_(new, src=0)
+        if quantizer.distance == "cosine":
+            new = F.normalize(new, dim=1)
+        counts_new = self._captured(quantizer, z, new)
+        n = quantizer.replace_codes(dead, new, counts_new.clamp_min(self.threshold))
+        if D.rank() == 0:
+            log.debug("dead-code restart at step %d: %d codes restarted", step, n)
+
+    def _captured(self, quantizer: VectorQuantizer, z: Tensor, new: Tensor) -> Tensor:
+        """Global count of this batch's tokens that would pick each new code."""
+        d_old = quantizer._last_min_dist
+        if d_old is None or d_old.shape[0] != z.shape[0]:
+            _, d_old = nearest(z, quantizer.effective_codebook().detach())
+        idx, d_new = nearest(z, new)
+        won = d_new < d_old
+        counts = torch.bincount(idx[won], minlength=new.shape[0]).float()
+        return D.all_reduce_sum_(counts)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}, source={self.source!r}, every={self.every}"

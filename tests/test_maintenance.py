@@ -1,0 +1,180 @@
+import logging
+
+import pytest
+import torch
+
+from vqkit import (
+    DeadCodeRestart,
+    EMAUpdate,
+    KMeansInit,
+    KMeansReestimate,
+    VectorQuantizer,
+    kmeans,
+)
+
+
+def blobs(n, k, d, seed=0, spread=0.05):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * 3
+    lab = torch.randint(k, (n,), generator=g)
+    return centers[lab] + spread * torch.randn(n, d, generator=g), centers
+
+
+def test_kmeans_init_warmup_passthrough_then_centers():
+    torch.manual_seed(0)
+    data, _ = blobs(2000, 16, 4)
+    vq = VectorQuantizer(4, 16, ema=EMAUpdate(), maintenance=[KMeansInit(warmup_steps=3, reservoir_size=64)])
+    vq.train()
+    for i in range(3):
+        x = data[i * 100 : (i + 1) * 100]
+        out = vq(x)
+        assert torch.equal(out.quantized, x), "warm-up must pass inputs through"
+        assert out.loss.item() == 0.0
+    assert not vq.maintenance[0].is_done()
+    reservoir = vq.maintenance[0].reservoir.contents().clone()
+    out = vq(data[300:400])
+    assert vq.maintenance[0].is_done()
+    # The codebook is the k-means of the reservoir (seeded by seed + step).
+    ref = kmeans(torch.cat([reservoir[:0], reservoir]), 16, iters=50, seed=0 + 3)
+    assert ref.centers.shape == (16, 4)
+    assert not torch.equal(out.quantized, data[300:400])
+    # EMA stats of all codes were set consistently: code == embed_sum / cluster_size.
+    torch.testing.assert_close(
+        vq.ema.embed_sum / vq.ema.cluster_size[:, None], vq.codebook, rtol=1e-5, atol=1e-6
+    )
+    assert (vq.ema.cluster_size > 0).all()
+
+
+def test_kmeans_init_codebook_equals_kmeans_of_reservoir():
+    torch.manual_seed(0)
+    data, _ = blobs(400, 8, 3)
+    init = KMeansInit(warmup_steps=1, reservoir_size=400)
+    vq = VectorQuantizer(3, 8, maintenance=[init]).train()
+    vq(data[:200])
+    res = init.reservoir.contents().clone()
+    vq(data[200:400])  # step 1: reservoir now holds both batches
+    full = torch.cat([res, data[200:400]])
+    ref = kmeans(full, 8, iters=50, seed=1)
+    torch.testing.assert_close(vq.codebook.detach(), ref.centers)
+
+
+def test_kmeans_init_waits_for_enough_samples(caplog):
+    vq = VectorQuantizer(2, 32, maintenance=[KMeansInit(warmup_steps=0, reservoir_size=64)]).train()
+    with caplog.at_level(logging.INFO, logger="vqkit"):
+        vq(torch.randn(10, 2))
+    assert "skipped: 10 samples < 32 codes" in caplog.text
+    assert not vq.maintenance[0].is_done()
+    vq(torch.randn(30, 2))
+    assert vq.maintenance[0].is_done()
+
+
+def test_reestimate_full_replaces_everything_and_logs(caplog):
+    torch.manual_seed(0)
+    data, centers = blobs(4000, 8, 2)
+    re = KMeansReestimate(every=2, until=100, reservoir_size=512, mode="full")
+    vq = VectorQuantizer(2, 8, maintenance=[re]).train()
+    with caplog.at_level(logging.INFO, logger="vqkit"):
+        for i in range(3):
+            vq(data[i * 300 : (i + 1) * 300])
+    assert "k-means re-estimation at step 2: 512 samples -> 8 codes" in caplog.text
+    assert "8 codes replaced" in caplog.text
+    assert re.reservoir.seen == 0  # this step was added, then the reservoir reset (VQFR order)
+    # Every true blob center now has a code within the noise level.
+    d = torch.cdist(centers, vq.codebook.detach()).min(1).values
+    assert d.max() < 0.1
+    assert vq.num_replacements.item() == 1 and vq.replaced_mask.all()
+
+
+def test_reestimate_skips_when_reservoir_short(caplog):
+    re = KMeansReestimate(every=1, until=10, reservoir_size=64, mode="full")
+    vq = VectorQuantizer(2, 64, maintenance=[re]).train()
+    c0 = vq.codebook.detach().clone()
+    with caplog.at_level(logging.INFO, logger="vqkit"):
+        vq(torch.randn(5, 2))
+        vq(torch.randn(5, 2))
+    assert "k-means re-estimation at step 1 skipped: 10 samples < 64 codes" in caplog.text
+    assert torch.equal(vq.codebook.detach(), c0)
+
+
+def test_reestimate_dead_mode_keeps_live_codes():
+    torch.manual_seed(0)
+    data, centers = blobs(3000, 8, 2, spread=0.02)
+    re = KMeansReestimate(every=3, until=100, reservoir_size=256, mode="dead", min_usage=1)
+    vq = VectorQuantizer(2, 8, maintenance=[re]).train()
+    with torch.no_grad():  # four codes on four blobs, four codes far away (dead)
+        vq.codebook[:4] = centers[:4]
+        vq.codebook[4:] = 100.0 + torch.arange(8.0).view(4, 2)
+    live_before = vq.codebook.detach()[:4].clone()
+    for i in range(4):
+        vq(data[i * 200 : (i + 1) * 200])
+    assert torch.equal(vq.codebook.detach()[:4], live_before), "live codes must be kept"
+    assert vq.replaced_mask[4:].all() and not vq.replaced_mask[:4].any()
+    d = torch.cdist(centers, vq.codebook.detach()).min(1).values
+    assert d.max() < 0.1, "dead codes should move to the unserved blobs"
+
+
+def test_dead_code_restart_ema_consistent():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(
+        2, 16, ema=EMAUpdate(decay=0.9), maintenance=[DeadCodeRestart(threshold=2.0)]
+    ).train()
+    with torch.no_grad():
+        vq.codebook.fill_(50.0)
+        vq.codebook[0] = 0.0
+        vq.ema.embed_sum.copy_(vq.codebook)
+    x = torch.randn(256, 2)
+    vq(x)
+    # All 15 far codes were dead; they restart at batch samples.
+    assert vq.replaced_mask[1:].all()
+    restarted = vq.codebook.detach()[1:]
+    gap = (restarted[:, None] - x[None]).abs().sum(-1).min(1).values
+    assert gap.max() == 0.0
+    cs = vq.ema.cluster_size[1:]
+    assert (cs >= 2.0).all()
+    torch.testing.assert_close(vq.ema.embed_sum[1:], restarted * cs[:, None])
+    torch.testing.assert_close(vq.usage.ema_counts[1:], cs)
+    # The next step spreads the batch across the restarted codes.
+    out = vq(torch.randn(256, 2))
+    assert int(out.used_codes) >= 12
+
+
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (lambda: KMeansReestimate(every=0), "every must be > 0, got 0"),
+        (lambda: KMeansReestimate(mode="half"), "mode must be 'full' or 'dead'"),
+        (lambda: DeadCodeRestart(source="disk"), "source must be 'batch' or 'reservoir'"),
+        (lambda: KMeansInit(warmup_steps=-1), "warmup_steps must be >= 0"),
+    ],
+)
+def test_strategy_argument_errors(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_reservoir_smaller_than_codebook_errors():
+    with pytest.raises(ValueError, match=r"reservoir_size \(100\) must be >= codebook_size \(1024\)"):
+        VectorQuantizer(8, 1024, maintenance=[KMeansReestimate(reservoir_size=100)])
+
+
+def test_maintenance_state_resumes():
+    torch.manual_seed(0)
+    data, _ = blobs(2000, 8, 2)
+
+    def make():
+        return VectorQuantizer(
+            2, 8, ema=EMAUpdate(), maintenance=[KMeansReestimate(every=3, reservoir_size=64)]
+        ).train()
+
+    a = make()
+    b = make()
+    b.load_state_dict(a.state_dict())
+    for i in range(4):
+        a(data[i * 50 : (i + 1) * 50])
+    c = make()
+    c.load_state_dict(a.state_dict())
+    for i in range(4, 8):
+        a(data[i * 50 : (i + 1) * 50])
+        c(data[i * 50 : (i + 1) * 50])
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, c.state_dict()[k]), k

@@ -1,0 +1,35 @@
+import math
+
+import pytest
+import torch
+
+from vqkit import EntropyPenalty, VectorQuantizer
+
+
+def test_entropy_penalty_hand_computation():
+    vq = VectorQuantizer(1, 2, regularizers=[EntropyPenalty(weight=1.0, temperature=1.0)])
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0], [1.0]]))
+    z = torch.tensor([[0.0], [1.0]])
+    # d = [[0, 1], [1, 0]] -> p rows softmax([0,-1]) and softmax([-1,0])
+    a = 1 / (1 + math.exp(-1))
+    h_tok = -(a * math.log(a) + (1 - a) * math.log(1 - a))
+    h_avg = math.log(2)
+    val = vq.regularizers[0](vq, z)
+    assert val.item() == pytest.approx(h_tok - h_avg, rel=1e-5)
+
+
+def test_entropy_penalty_in_losses_and_spreads_codes():
+    torch.manual_seed(0)
+    reg = EntropyPenalty(weight=0.5, temperature=0.5)
+    vq = VectorQuantizer(4, 8, regularizers=[reg]).train()
+    out = vq(torch.randn(64, 4))
+    assert set(out.losses) == {"commitment", "codebook", "entropy"}
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.losses.values()), rel=1e-6)
+    out.loss.backward()
+    assert vq.codebook.grad is not None
+
+
+def test_entropy_penalty_errors():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        EntropyPenalty(temperature=0)
