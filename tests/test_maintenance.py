@@ -23,7 +23,9 @@ def blobs(n, k, d, seed=0, spread=0.05):
 def test_kmeans_init_warmup_passthrough_then_centers():
     torch.manual_seed(0)
     data, _ = blobs(2000, 16, 4)
-    vq = VectorQuantizer(4, 16, ema=EMAUpdate(), maintenance=[KMeansInit(warmup_steps=3, reservoir_size=64)])
+    vq = VectorQuantizer(
+        4, 16, ema=EMAUpdate(), maintenance=[KMeansInit(warmup_steps=3, reservoir_size=64)]
+    )
     vq.train()
     for i in range(3):
         x = data[i * 100 : (i + 1) * 100]
@@ -153,7 +155,9 @@ def test_strategy_argument_errors(factory, match):
 
 
 def test_reservoir_smaller_than_codebook_errors():
-    with pytest.raises(ValueError, match=r"reservoir_size \(100\) must be >= codebook_size \(1024\)"):
+    with pytest.raises(
+        ValueError, match=r"reservoir_size \(100\) must be >= codebook_size \(1024\)"
+    ):
         VectorQuantizer(8, 1024, maintenance=[KMeansReestimate(reservoir_size=100)])
 
 

@@ -31,7 +31,11 @@ def test_layouts_shapes_and_values(shape, channel_first, lead):
     flat = x.movedim(1, -1).reshape(-1, 8) if channel_first else x.reshape(-1, 8)
     ref = _brute_nearest(flat, vq.codebook.detach())
     assert torch.equal(out.indices.reshape(-1), ref)
-    q = out.quantized.movedim(1, -1).reshape(-1, 8) if channel_first else out.quantized.reshape(-1, 8)
+    q = (
+        out.quantized.movedim(1, -1).reshape(-1, 8)
+        if channel_first
+        else out.quantized.reshape(-1, 8)
+    )
     torch.testing.assert_close(q, vq.codebook.detach()[ref])
 
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from vqkit import DeadCodeRestart, EMAUpdate, EntropyPenalty, KMeansInit, KMeansReestimate, VectorQuantizer
+from vqkit import (
+    DeadCodeRestart,
+    EMAUpdate,
+    EntropyPenalty,
+    KMeansInit,
+    KMeansReestimate,
+    VectorQuantizer,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -24,8 +31,8 @@ def _all_strategies(rank, world):
         ema=EMAUpdate(decay=0.9),
         maintenance=[
             KMeansInit(warmup_steps=2, reservoir_size=128),
-            KMeansReestimate(every=10, until=40, reservoir_size=128, mode="dead"),
-            DeadCodeRestart(threshold=1.0),
+            KMeansReestimate(every=10, until=40, reservoir_size=128, mode="full"),
+            DeadCodeRestart(threshold=4.0),
         ],
     ).train()
     snaps = {}
@@ -43,7 +50,7 @@ def _all_strategies(rank, world):
 
 def test_codebooks_bitwise_identical_across_ranks():
     r0, r1 = run_distributed(_all_strategies, 2)
-    assert r0["replacements"] > 1
+    assert r0["replacements"] > 5  # init, 3 re-estimations, restarts
     for step in r0["snaps"]:
         assert torch.equal(r0["snaps"][step], r1["snaps"][step]), f"step {step}"
     for k in r0["state"]:
@@ -91,8 +98,9 @@ def test_no_hang_when_a_rank_is_short():
 
 def _entropy_grad(rank, world, x):
     torch.manual_seed(0)
-    vq = VectorQuantizer(4, 8, regularizers=[EntropyPenalty(weight=1.0)], commitment_weight=0,
-                         codebook_weight=0).train()
+    vq = VectorQuantizer(
+        4, 8, regularizers=[EntropyPenalty(weight=1.0)], commitment_weight=0, codebook_weight=0
+    ).train()
     half = x.shape[0] // 2
     out = vq(x[:half] if rank == 0 else x[half:])
     out.loss.backward()
@@ -105,8 +113,9 @@ def test_entropy_penalty_uses_global_batch_average():
     x = _data(0, 0, n=32)
     (l0, g0), (l1, g1) = run_distributed(_entropy_grad, 2, x)
     torch.manual_seed(0)
-    single = VectorQuantizer(4, 8, regularizers=[EntropyPenalty(weight=1.0)], commitment_weight=0,
-                             codebook_weight=0).train()
+    single = VectorQuantizer(
+        4, 8, regularizers=[EntropyPenalty(weight=1.0)], commitment_weight=0, codebook_weight=0
+    ).train()
     out = single(x)
     out.loss.backward()
     # loss_r = mean per-token entropy of rank r's half - H(global average): the mean over ranks

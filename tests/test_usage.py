@@ -21,7 +21,11 @@ def test_usage_stats_hand_built():
 
 def test_uniform_and_empty():
     s = usage_stats(torch.ones(16, dtype=torch.long))
-    assert s.utilization == 1.0 and s.perplexity == pytest.approx(16) and s.normalized_entropy == pytest.approx(1.0)
+    assert (
+        s.utilization == 1.0
+        and s.perplexity == pytest.approx(16)
+        and s.normalized_entropy == pytest.approx(1.0)
+    )
     e = usage_stats(torch.zeros(16, dtype=torch.long))
     assert e.used_codes == 0 and e.perplexity == 1.0 and e.dead_codes == 16
     with pytest.raises(ValueError, match="counts must be 1-D"):

@@ -45,7 +45,9 @@ class EMAUpdate(nn.Module):
 
     def bind(self, quantizer: VectorQuantizer) -> None:
         if self._bound:
-            raise ValueError("this EMAUpdate is already bound to a quantizer; make one per quantizer")
+            raise ValueError(
+                "this EMAUpdate is already bound to a quantizer; make one per quantizer"
+            )
         self._bound = True
         k = quantizer.codebook_size
         self.register_buffer("cluster_size", torch.ones(k))
@@ -95,15 +97,24 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+_RESERVOIR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _make_reservoir(
-    quantizer: VectorQuantizer, size: int, owner: str, dtype: torch.dtype, device, seed: int
+    quantizer: VectorQuantizer, size: int, owner: str, dtype: str, device: str | None, seed: int
 ) -> ReservoirSampler:
+    if dtype not in _RESERVOIR_DTYPES:
+        raise ValueError(
+            f"{owner}: reservoir_dtype must be one of {sorted(_RESERVOIR_DTYPES)}, got {dtype!r}"
+        )
     if size < quantizer.codebook_size:
         raise ValueError(
             f"{owner}: reservoir_size ({size}) must be >= codebook_size "
             f"({quantizer.codebook_size}), or k-means could never run"
         )
-    return ReservoirSampler(size, quantizer.codebook_dim, dtype=dtype, device=device, seed=seed)
+    return ReservoirSampler(
+        size, quantizer.codebook_dim, dtype=_RESERVOIR_DTYPES[dtype], device=device, seed=seed
+    )
 
 
 def _tokens_per_step(quantizer: VectorQuantizer, z: Tensor) -> int:
@@ -150,7 +161,7 @@ class KMeansInit(_Cached):
         *,
         iters: int = 50,
         seed: int = 0,
-        reservoir_dtype: torch.dtype = torch.float32,
+        reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
     ) -> None:
         super().__init__()
@@ -191,7 +202,9 @@ class KMeansInit(_Cached):
             if D.rank() == 0:
                 log.info(
                     "k-means init at step %d skipped: %d samples < %d codes; retrying next step",
-                    step, x.shape[0], k,
+                    step,
+                    x.shape[0],
+                    k,
                 )
             return False
         t0 = time.perf_counter()
@@ -205,7 +218,11 @@ class KMeansInit(_Cached):
         if D.rank() == 0:
             log.info(
                 "k-means init at step %d done in %.2f s: %d samples -> %d codes, inertia %.4g",
-                step, time.perf_counter() - t0, x.shape[0], k, inertia,
+                step,
+                time.perf_counter() - t0,
+                x.shape[0],
+                k,
+                inertia,
             )
         return False
 
@@ -236,7 +253,7 @@ class KMeansReestimate(Maintenance):
         warm_start: bool = False,
         iters: int = 20,
         seed: int = 0,
-        reservoir_dtype: torch.dtype = torch.float32,
+        reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
     ) -> None:
         super().__init__()
@@ -264,9 +281,7 @@ class KMeansReestimate(Maintenance):
         self.reservoir = _make_reservoir(
             quantizer, self.reservoir_size, "KMeansReestimate", dtype, device, self.seed
         )
-        self.register_buffer(
-            "counts_since", torch.zeros(quantizer.codebook_size, dtype=torch.long)
-        )
+        self.register_buffer("counts_since", torch.zeros(quantizer.codebook_size, dtype=torch.long))
 
     def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
         step = quantizer.current_step
@@ -293,8 +308,9 @@ class KMeansReestimate(Maintenance):
         if n < k:
             # The reservoir is replicated, so every rank takes this branch together: no hang.
             if rank0:
-                log.info("k-means re-estimation at step %d skipped: %d samples < %d codes",
-                         step, n, k)
+                log.info(
+                    "k-means re-estimation at step %d skipped: %d samples < %d codes", step, n, k
+                )
             return 0
         dev = quantizer.codebook.device
         t0 = time.perf_counter()
@@ -311,20 +327,34 @@ class KMeansReestimate(Maintenance):
             n_dead = int(mask.sum())
             if n_dead == 0:
                 if rank0:
-                    log.info("k-means re-estimation at step %d: no code used < %d times, "
-                             "nothing replaced", step, self.min_usage)
+                    log.info(
+                        "k-means re-estimation at step %d: no code used < %d times, "
+                        "nothing replaced",
+                        step,
+                        self.min_usage,
+                    )
                 self._after(quantizer)
                 return 0
             if rank0:
-                log.info("k-means re-estimation at step %d: %d samples -> %d dead of %d codes",
-                         step, n, n_dead, k)
+                log.info(
+                    "k-means re-estimation at step %d: %d samples -> %d dead of %d codes",
+                    step,
+                    n,
+                    n_dead,
+                    k,
+                )
             centers, counts, inertia = self._dead_centers(quantizer, x, mask, step)
         counts = counts * tokens_per_step / n
         replaced = quantizer.replace_codes(mask, centers[mask], counts[mask])
         self._after(quantizer)
         if rank0:
-            log.info("k-means re-estimation at step %d done in %.2f s, inertia %.4g, "
-                     "%d codes replaced", step, time.perf_counter() - t0, inertia, replaced)
+            log.info(
+                "k-means re-estimation at step %d done in %.2f s, inertia %.4g, %d codes replaced",
+                step,
+                time.perf_counter() - t0,
+                inertia,
+                replaced,
+            )
         return replaced
 
     def _dead_centers(
@@ -333,7 +363,11 @@ class KMeansReestimate(Maintenance):
         k = quantizer.codebook_size
         dev = quantizer.codebook.device
         if D.rank() != 0:
-            return torch.zeros(k, quantizer.codebook_dim, device=dev), torch.zeros(k, device=dev), 0.0
+            return (
+                torch.zeros(k, quantizer.codebook_dim, device=dev),
+                torch.zeros(k, device=dev),
+                0.0,
+            )
         x = x.to(dev, torch.float32)
         codes = quantizer.effective_codebook().detach().clone()
         seed = self.seed + step
@@ -347,8 +381,10 @@ class KMeansReestimate(Maintenance):
             self.reservoir.reset()
 
     def extra_repr(self) -> str:
-        return (f"every={self.every}, until={self.until}, reservoir_size={self.reservoir_size}, "
-                f"mode={self.mode!r}, min_usage={self.min_usage}")
+        return (
+            f"every={self.every}, until={self.until}, reservoir_size={self.reservoir_size}, "
+            f"mode={self.mode!r}, min_usage={self.min_usage}"
+        )
 
 
 class DeadCodeRestart(Maintenance):
@@ -368,7 +404,7 @@ class DeadCodeRestart(Maintenance):
         every: int = 1,
         reservoir_size: int = 16384,
         seed: int = 0,
-        reservoir_dtype: torch.dtype = torch.float32,
+        reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
     ) -> None:
         super().__init__()

@@ -271,8 +271,9 @@ class VectorQuantizer(nn.Module):
         codes = self.effective_codebook()
         zd = z.detach()
         if training and self.sample_temperature > 0:
-            indices = sample_nearest(zd, codes.detach(), self.sample_temperature,
-                                     max_block=self.max_block)
+            indices = sample_nearest(
+                zd, codes.detach(), self.sample_temperature, max_block=self.max_block
+            )
             self._last_min_dist = None
         else:
             indices, self._last_min_dist = nearest(zd, codes.detach(), max_block=self.max_block)
@@ -378,8 +379,9 @@ class VectorQuantizer(nn.Module):
             self._check_finite(flat)
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = self._to_code_space(flat.float())
-            idx, _ = nearest(z, self.effective_codebook(), max_block=self.max_block,
-                             return_distances=False)
+            idx, _ = nearest(
+                z, self.effective_codebook(), max_block=self.max_block, return_distances=False
+            )
         return idx.view(lead)
 
     def decode(self, indices: Tensor) -> Tensor:
@@ -395,7 +397,8 @@ class VectorQuantizer(nn.Module):
         if self.channel_first:
             if indices.dim() < 2:
                 raise ValueError(
-                    f"channel_first decode expects (B, *spatial) indices, got {tuple(indices.shape)}"
+                    "channel_first decode expects (B, *spatial) indices, got "
+                    f"{tuple(indices.shape)}"
                 )
             v = v.movedim(-1, 1)
         return v
@@ -406,7 +409,8 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
+            f"dim={self.dim}, codebook_size={self.codebook_size}, "
+            f"codebook_dim={self.codebook_dim}, "
             f"distance={self.distance!r}, mode={'ema' if self.uses_ema else 'gradient'}"
         )
 

@@ -67,7 +67,7 @@ def entropy(counts: Tensor) -> Tensor:
 
 
 def usage_stats(counts: Tensor, *, dead_below: float = 1, horizon: str = "custom") -> UsageStats:
-    """Usage figures of a count vector (K,): used codes, utilization, exp(H), H / log K, dead codes."""
+    """Figures of a count vector (K,): used codes, utilization, exp(H), H / log K, dead codes."""
     if counts.dim() != 1:
         raise ValueError(f"counts must be 1-D (codebook_size,), got shape {tuple(counts.shape)}")
     k = counts.numel()
@@ -153,7 +153,9 @@ class CodeUsage(nn.Module):
         return c
 
     def stats(self, horizon: str, *, sync: bool = False) -> UsageStats:
-        return usage_stats(self.counts(horizon, sync=sync), dead_below=self.dead_below, horizon=horizon)
+        return usage_stats(
+            self.counts(horizon, sync=sync), dead_below=self.dead_below, horizon=horizon
+        )
 
     def ema_stats(self, threshold: float | None = None) -> EMAUsageStats:
         t = self.dead_below if threshold is None else threshold

@@ -1,0 +1,302 @@
+"""Image files to tensors: discovery, decoding any PIL mode to RGB, and a folder data set.
+
+Every image becomes a (3, H, W) float tensor in [-1, 1]. Transparent pixels are composited onto a
+background (white by default) *before* resizing, so edges do not pick up the colour hidden under
+alpha = 0. Broken files are found once, up front, by decoding them fully (``verify()`` misses
+truncation), so a bad file costs a warning at start-up instead of a crash in epoch 7.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset
+
+log = logging.getLogger("vqkit.data")
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+SQUARE_MODES = ("crop", "pad")
+Square = Literal["crop", "pad"]
+RGB = tuple[int, int, int]
+WHITE: RGB = (255, 255, 255)
+
+# Modes whose pixels carry alpha; "P", "L" and "RGB" may also carry it via info["transparency"].
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# Integer / float modes wider than 8 bits; Pillow's convert("L") would clip them at 255.
+_WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# Beyond this many failed substitutes in one __getitem__ something is systematically wrong.
+_MAX_SUBSTITUTES = 16
+_EXIF_ORIENTATION = 0x0112
+
+
+class UnreadableImageError(OSError):
+    """A file with an image extension that cannot be decoded into an RGB image."""
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files under ``root`` (recursive), sorted so every run sees the same order."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {str(root)!r} is a file, expected a directory")
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def check_square(square: str) -> None:
+    if square not in SQUARE_MODES:
+        raise ValueError(f"square must be one of {SQUARE_MODES}, got {square!r}")
+
+
+def check_image_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
+def check_augment_args(flip_p: float, jitter: float) -> None:
+    if not 0.0 <= flip_p <= 1.0:
+        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError(f"jitter must be in [0, 1) (0.1-0.2 is typical), got {jitter}")
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    # 16-bit grey (PNG, TIFF) arrives as "I;16" or "I" with values up to 65535: rescale, don't clip.
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = a / 257.0  # 65535 / 255: maps 16-bit full scale exactly onto 8-bit full scale
+    elif img.mode == "F" and a.size and a.max() <= 1.0:
+        a = a * 255.0  # float images in [0, 1]
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image, background: RGB = WHITE) -> Image.Image:
+    """Any PIL mode -> "RGB", compositing transparency onto ``background``."""
+    if img.mode in _WIDE_MODES:
+        img = _wide_to_l(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    # "L", "1", "P", "CMYK", "YCbCr" ... Pillow undoes Adobe's inverted CMYK when decoding JPEG.
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _open_rgb(path: Path, background: RGB, draft_size: int | None = None) -> Image.Image:
+    """Open, fully decode (so truncation fails here) and convert to RGB; errors name the file."""
+    try:
+        with Image.open(path) as img:
+            if draft_size is not None and img.format == "JPEG":
+                # Let libjpeg decode big photos at a reduced scale; both sides stay >= draft_size.
+                img.draft(None, (draft_size, draft_size))
+            img.load()  # GIF / animated WebP: the first frame, which open() selects
+            oriented = img
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                oriented = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+            rgb = to_rgb(oriented, background)
+            # The opened image is destroyed when `with` closes it; hand back an independent one.
+            return rgb.copy() if rgb is img else rgb
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image {str(path)!r}: {err}") from err
+
+
+def _square(img: Image.Image, image_size: int, square: Square, background: RGB) -> Image.Image:
+    w, h = img.size
+    if square == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        box: tuple[int, int, int, int] | None = (left, top, left + side, top + side)
+    else:
+        side = max(w, h)
+        if w != h:
+            canvas = Image.new("RGB", (side, side), background)
+            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+            img = canvas
+        box = None
+    if side == image_size and (box is None or (w, h) == (side, side)):
+        return img
+    # reducing_gap: box-reduce first for big shrink factors, then Lanczos; visually identical.
+    return img.resize((image_size, image_size), Image.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    # In numpy: torch's elementwise ops on the permuted (strided) view were 50x slower here.
+    a = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), np.float32)
+    a /= 127.5
+    a -= 1.0
+    return torch.from_numpy(a)
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    image_size: int,
+    *,
+    square: Square = "crop",
+    background: RGB = WHITE,
+) -> Tensor:
+    """Decode ``path`` to a (3, image_size, image_size) float tensor in [-1, 1].
+
+    ``square="crop"`` takes the centred square; ``"pad"`` keeps the whole image and fills the
+    sides with ``background``. Raises :class:`UnreadableImageError` (an ``OSError``) if the file
+    cannot be decoded.
+    """
+    check_image_size(image_size)
+    check_square(square)
+    img = _open_rgb(Path(path), background, draft_size=image_size)
+    return pil_to_tensor(_square(img, image_size, square, background))
+
+
+def _check_one(path: Path, background: RGB) -> str | None:
+    try:
+        _open_rgb(path, background)
+    except UnreadableImageError as err:
+        return str(err.__cause__ or err)
+    return None
+
+
+def scan_images(
+    paths: Sequence[Path], *, background: RGB = WHITE, threads: int | None = None
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Decode every file once; return (readable paths, [(unreadable path, reason), ...]).
+
+    Threads, not processes: Pillow releases the GIL while decoding, and threads are safe to use
+    from inside a DataLoader worker or under DDP where forking again would not be.
+    """
+    threads = threads or min(8, os.cpu_count() or 1)
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = list(pool.map(lambda p: _check_one(p, background), paths))
+    good = [p for p, r in zip(paths, reasons, strict=True) if r is None]
+    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+    return good, bad
+
+
+def warn_skipped(skipped: Sequence[tuple[Path, str]], total: int) -> None:
+    if not skipped:
+        return
+    examples = "; ".join(f"{p} ({reason})" for p, reason in skipped[:3])
+    log.warning(
+        "skipped %d of %d image files that could not be decoded, e.g. %s",
+        len(skipped),
+        total,
+        examples,
+    )
+
+
+def color_jitter(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Random brightness, contrast and saturation, each a factor in [1 - s, 1 + s].
+
+    ``x`` is (3, H, W) in [-1, 1]; the result stays in [-1, 1]. Works in [0, 1] like torchvision's
+    ColorJitter and clamps after every step as it does.
+    """
+    if strength <= 0:
+        return x
+    b, c, s = (1.0 + (torch.rand(3, generator=generator) * 2.0 - 1.0) * strength).tolist()
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    y = ((x + 1.0) * 0.5 * b).clamp_(0.0, 1.0)
+    mean = (y * weights).sum(0).mean()
+    y = ((y - mean) * c + mean).clamp_(0.0, 1.0)
+    grey = (y * weights).sum(0, keepdim=True)
+    y = ((y - grey) * s + grey).clamp_(0.0, 1.0)
+    return y * 2.0 - 1.0
+
+
+class ImageFolderDataset(Dataset[Tensor]):
+    """Images from a folder (or an explicit list of paths) as (3, S, S) tensors in [-1, 1].
+
+    Unreadable files are decoded-and-dropped at construction (see ``skipped``). Augmentation is a
+    horizontal flip and a mild colour jitter, no rotations: emoji and faces have a canonical
+    orientation. Its random stream is a ``torch.Generator`` per process seeded from
+    ``torch.initial_seed()``, which the DataLoader sets per worker and per epoch from its own
+    generator, so a seeded loader gives the same augmentations on every run.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        image_size: int,
+        *,
+        augment: bool = False,
+        square: Square = "crop",
+        flip_p: float = 0.5,
+        jitter: float = 0.1,
+        background: RGB = WHITE,
+        validate: bool = True,
+    ) -> None:
+        check_image_size(image_size)
+        check_square(square)
+        check_augment_args(flip_p, jitter)
+        if isinstance(source, (str, os.PathLike)):
+            paths = find_images(source)
+            where = f"folder {str(source)!r}"
+        else:
+            paths = [Path(p) for p in source]
+            where = f"the {len(paths)} given paths"
+        self.skipped: list[tuple[Path, str]] = []
+        if validate:
+            paths, self.skipped = scan_images(paths, background=background)
+            warn_skipped(self.skipped, len(paths) + len(self.skipped))
+        if not paths:
+            raise ValueError(
+                f"no usable image in {where} (extensions {sorted(IMAGE_EXTENSIONS)}; "
+                f"{len(self.skipped)} files could not be decoded)"
+            )
+        self.paths = paths
+        self.image_size = image_size
+        self.augment = augment
+        self.square: Square = square
+        self.flip_p = flip_p
+        self.jitter = jitter
+        self.background = background
+        self._gen: torch.Generator | None = None
+        self._gen_seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _generator(self) -> torch.Generator:
+        # Re-seed whenever the process seed changed: a forked worker must not reuse the parent's
+        # stream, or every worker would flip the same way.
+        seed = torch.initial_seed()
+        if self._gen is None or self._gen_seed != seed:
+            self._gen = torch.Generator().manual_seed(seed)
+            self._gen_seed = seed
+        return self._gen
+
+    def augment_tensor(self, x: Tensor) -> Tensor:
+        g = self._generator()
+        if self.flip_p > 0 and torch.rand((), generator=g).item() < self.flip_p:
+            x = torch.flip(x, dims=(-1,))
+        return color_jitter(x, self.jitter, g)
+
+    def __getitem__(self, index: int) -> Tensor:
+        # A file that passed the scan can still fail (replaced on disk, network share hiccup):
+        # substitute the next image rather than kill a long run. Inside a DataLoader worker the
+        # append lands in the worker's copy; the warning is what reaches the user.
+        for attempt in range(_MAX_SUBSTITUTES):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                x = load_image(
+                    path, self.image_size, square=self.square, background=self.background
+                )
+            except UnreadableImageError as err:
+                self.skipped.append((path, str(err.__cause__ or err)))
+                log.warning("%s; using the next image instead", err)
+                continue
+            return self.augment_tensor(x) if self.augment else x
+        raise RuntimeError(
+            f"{_MAX_SUBSTITUTES} consecutive images from index {index} failed to load; "
+            f"last: {self.skipped[-1]}"
+        )
