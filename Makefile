@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format bench clean
+.PHONY: venv demo test lint format bench clean
 
 # The venv is created once and reused; editing pyproject.toml reinstalls.
 $(STAMP): pyproject.toml
@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Train the quickstart tokenizer on the bundled Fluent Emoji 3D set (fetched with npm once) and
+# print its codebook usage. About 10 minutes on 2 CPU cores.
+demo: $(STAMP)
+	$(BIN)/vqkit data fetch fluent-emoji-3d
+	$(BIN)/vqkit fit --config configs/quickstart.yaml
+	@echo "run folder, checkpoints and pictures: runs/quickstart/ (summary.json, reconstructions.png, code_usage.png)"
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir runs/quickstart"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -28,7 +36,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -14,8 +14,9 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from ..quantize import distributed as D
 from .bundled import DATASETS, fetch
 from .images import (
     ImageFolderDataset,
@@ -26,6 +27,7 @@ from .images import (
     scan_images,
     warn_skipped,
 )
+from .sampler import ResumableLoader
 from .split import split_by_group
 
 log = logging.getLogger("vqkit.data")
@@ -54,6 +56,8 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_seed: seeds train shuffling and the workers' augmentation streams (with
             ``num_workers=0`` augmentation follows the global torch seed instead).
         max_images: use a random subset of this many images per folder (tiny runs).
+        cache_images: decode every image once into memory as uint8 (``image_size**2 * 3`` bytes
+            each): much faster epochs on CPU; 3,391 images at 64 px take 42 MB.
         pin_memory: ``None`` pins when CUDA is available.
         persistent_workers: keep loader workers between epochs (only with ``num_workers > 0``).
     """
@@ -77,6 +81,7 @@ class ImageDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         dataset: str = "fluent-emoji-3d",
         cache_dir: str | None = None,
+        cache_images: bool = False,
     ) -> None:
         super().__init__()
         self.root = _existing_dir(root, "root") if root is not None else None
@@ -110,6 +115,7 @@ class ImageDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.dataset = dataset
         self.cache_dir = cache_dir
+        self.cache_images = cache_images
         self.skipped: list[tuple[Path, str]] = []
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
@@ -150,6 +156,7 @@ class ImageDataModule(L.LightningDataModule):
             flip_p=self.flip_p,
             jitter=self.jitter,
             validate=False,  # _images() already decoded every file once
+            cache=self.cache_images,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -180,17 +187,23 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def _loader(self, dataset: ImageFolderDataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
+        common = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            # Seeds the shuffle order and, per epoch, each worker's torch seed (augmentations).
-            generator=torch.Generator().manual_seed(self.shuffle_seed) if train else None,
         )
+        if train:
+            # Resumes mid-epoch with the same batches and augmentations; shards itself under
+            # DDP (so the trainer runs with use_distributed_sampler=False).
+            return ResumableLoader(
+                dataset, batch_size=self.batch_size, seed=self.shuffle_seed, **common
+            )
+        # Validation in order; under DDP each process takes its shard (torch's sampler pads
+        # with a few repeats so every process runs the same number of batches).
+        sampler = None
+        if D.is_distributed():
+            sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

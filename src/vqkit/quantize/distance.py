@@ -49,13 +49,21 @@ def nearest(
     Autocast is disabled inside so the scores are fp32 whatever the caller's context.
     """
     if x.dim() != 2 or c.dim() != 2 or x.shape[1] != c.shape[1]:
-        raise ValueError(f"nearest expects (M, D) and (K, D), got {tuple(x.shape)} and {tuple(c.shape)}")
+        raise ValueError(
+            f"nearest expects (M, D) and (K, D), got {tuple(x.shape)} and {tuple(c.shape)}"
+        )
     m, k = x.shape[0], c.shape[0]
     rows = _rows_per_chunk(k, chunk_size, max_block)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, c = _fp32(x), _fp32(c)
         csq = c.pow(2).sum(1) if c_sqnorm is None else _fp32(c_sqnorm)
         ct = c.t()
+        if m <= rows:  # one block: skip the copies into preallocated outputs
+            scores = torch.addmm(csq, x, ct, beta=1.0, alpha=-2.0)
+            if not return_distances:
+                return scores.argmin(1), None
+            best, arg = scores.min(1)
+            return arg, (best + x.pow(2).sum(1)).clamp_min_(0.0)
         idx = torch.empty(m, dtype=torch.long, device=x.device)
         dist = torch.empty(m, dtype=torch.float32, device=x.device) if return_distances else None
         for s in range(0, m, rows):

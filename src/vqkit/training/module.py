@@ -1,0 +1,193 @@
+"""The LightningModule that trains a VQModel. It only forwards, logs and, after a codebook reset
+in gradient mode, resets the optimizer rows of the replaced codes: codebook maintenance runs
+inside the quantizer on its own step counter."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..evaluation.metrics import psnr, ssim
+from ..evaluation.visual import image_grid
+from ..losses import VQLoss
+from ..models import VQModel
+from ..quantize import reset_optimizer_state
+from ..quantize.usage import UsageStats
+from .schedules import warmup_cosine
+
+_USAGE_FIELDS = ("utilization", "used_codes", "perplexity", "normalized_entropy", "dead_codes")
+
+
+def _images(batch) -> Tensor:  # noqa: ANN001
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class VQTokenizerModule(L.LightningModule):
+    """Train a VQ-VAE tokenizer.
+
+    Args:
+        model: the ``VQModel`` (encoder, quantizer, decoder).
+        loss: the objective; default L1 + the quantizer's loss.
+        lr, betas, weight_decay: AdamW (2e-4, (0.9, 0.99), 0 as in the seed plan).
+        warmup_steps, warmup_start_lr, min_lr: linear warm-up from ``warmup_start_lr`` then cosine
+            decay to ``min_lr`` at the trainer's last optimizer step.
+        usage_window_steps: log the ``window`` usage figures and start a new window this often.
+        log_images_every_n_steps: reconstruction grids and usage histograms to TensorBoard.
+        num_log_images: images per grid.
+    """
+
+    def __init__(
+        self,
+        model: VQModel,
+        loss: VQLoss | None = None,
+        *,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        warmup_start_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        usage_window_steps: int = 100,
+        log_images_every_n_steps: int = 500,
+        num_log_images: int = 8,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if usage_window_steps < 1:
+            raise ValueError(f"usage_window_steps must be >= 1, got {usage_window_steps}")
+        self.save_hyperparameters(ignore=["model", "loss"])
+        self.model = model
+        self.loss = loss if loss is not None else VQLoss()
+        self._val_batch: Tensor | None = None
+
+    @property
+    def quantizer(self):  # noqa: ANN201
+        return self.model.quantizer
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: ANN001
+        images = _images(batch)
+        out = self.model(images)
+        total, terms = self.loss(images, out.reconstructions, out.vq_losses)
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"training loss is {float(total)} at step {self.global_step}; terms: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            )
+        self._reset_replaced_rows()
+        bs = images.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        k = self.quantizer.codebook_size
+        self.log(
+            "train/batch_utilization", out.used_codes.float() / k, prog_bar=True, batch_size=bs
+        )
+        self.log("train/batch_perplexity", out.perplexity, batch_size=bs)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
+        usage = self.quantizer.usage
+        if int(usage.window_forwards) >= self.hparams.usage_window_steps:
+            self._log_usage("train_window", usage.stats("window"))
+            usage.reset_window()
+        if self._every(self.hparams.log_images_every_n_steps):
+            self._log_pictures("train", images, out.reconstructions, usage.batch_counts)
+        return total
+
+    def _reset_replaced_rows(self) -> None:
+        if self.quantizer.uses_ema or not self.quantizer.replaced_mask.any():
+            return
+        opt = self.optimizers()
+        n = reset_optimizer_state(getattr(opt, "optimizer", opt), self.quantizer)
+        self.log("train/codes_reset", float(n), reduce_fx="sum")
+
+    def _every(self, n: int) -> bool:
+        return n > 0 and self.global_step % n == 0
+
+    # ------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.quantizer.usage.reset_eval()
+        self._val_batch = None
+
+    def validation_step(self, batch, batch_idx: int) -> None:  # noqa: ANN001
+        images = _images(batch)
+        out = self.model(images)
+        rec = out.reconstructions
+        bs = images.shape[0]
+        self.log("val/l1", F.l1_loss(rec, images), prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("val/mse", F.mse_loss(rec, images), sync_dist=True, batch_size=bs)
+        self.log("val/psnr", psnr(rec, images), sync_dist=True, batch_size=bs)
+        if min(images.shape[-2:]) >= 11:
+            self.log("val/ssim", ssim(rec, images), sync_dist=True, batch_size=bs)
+        self.log("val/vq_loss", out.vq_loss, sync_dist=True, batch_size=bs)
+        if batch_idx == 0:
+            n = self.hparams.num_log_images
+            self._val_batch = torch.stack([images[:n].detach(), rec[:n].detach()])
+
+    def on_validation_epoch_end(self) -> None:
+        usage = self.quantizer.usage
+        stats = usage.stats("eval", sync=True)
+        if stats.tokens == 0:
+            return
+        self._log_usage("val", stats, prog_bar=True)
+        if self._val_batch is not None and not self.trainer.sanity_checking:
+            self._log_pictures("val", self._val_batch[0], self._val_batch[1], usage.eval_counts)
+
+    def _log_usage(self, prefix: str, stats: UsageStats, prog_bar: bool = False) -> None:
+        for name in _USAGE_FIELDS:
+            self.log(
+                f"{prefix}/{name}",
+                float(getattr(stats, name)),
+                prog_bar=prog_bar and name == "utilization",
+                # every process already holds the global figure
+                sync_dist=False,
+                rank_zero_only=False,
+            )
+
+    def _log_pictures(self, prefix: str, images: Tensor, recs: Tensor, counts: Tensor) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
+            return
+        n = min(self.hparams.num_log_images, images.shape[0])
+        grid = image_grid([images[:n], recs[:n]])
+        exp.add_image(f"{prefix}/reconstructions", grid, self.global_step)
+        counts = counts.detach().float().cpu()
+        if counts.sum() > 0:
+            # One sample per token of the code it took: TensorBoard shows the index histogram.
+            idx = torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
+            exp.add_histogram(
+                f"{prefix}/code_usage", idx, self.global_step, bins=min(256, counts.numel())
+            )
+
+    # ------------------------------------------------------------------------------ optim
+    def configure_optimizers(self):  # noqa: ANN201
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        total = int(total) if total and math.isfinite(total) else max(hp.warmup_steps * 10, 1)
+
+        def factor(step: int) -> float:
+            return (
+                warmup_cosine(
+                    step,
+                    base_lr=hp.lr,
+                    warmup_steps=hp.warmup_steps,
+                    total_steps=total,
+                    start_lr=hp.warmup_start_lr,
+                    min_lr=hp.min_lr,
+                )
+                / hp.lr
+            )
+
+        sched = LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

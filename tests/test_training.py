@@ -1,0 +1,206 @@
+"""The training pipeline end to end on tiny image folders the tests build."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqkit.cli import build_cli, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CPU = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.strategy=auto",
+    "--trainer.precision=32-true",
+]
+
+
+def make_folder(root: Path, n: int = 24, size: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.zeros((size, size, 3), np.uint8)
+        a[:] = rng.integers(0, 255, 3)
+        y, x = rng.integers(0, size // 2, 2)
+        a[y : y + size // 2, x : x + size // 2] = rng.integers(0, 255, 3)
+        Image.fromarray(a).save(root / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("images"))
+
+
+def tiny_args(folder: Path, out: Path, image_size: int = 32) -> list[str]:
+    return [
+        *CPU,
+        f"--data.root={folder}",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+        f"--data.image_size={image_size}",
+        "--data.val_fraction=0.25",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+    ]
+
+
+def quick_overrides() -> list[str]:
+    """Shrink the quickstart model for CPU tests (same structure, fewer codes)."""
+    q = "--model.model.init_args.quantizer.init_args."
+    return [f"{q}codebook_size=64", "--model.model.init_args.base_channels=16"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_instantiates(config, folder, tmp_path):
+    cli = build_cli(["--config", str(config), *tiny_args(folder, tmp_path)], run=False)
+    q = cli.model.quantizer
+    assert q.codebook_size == 1024
+    assert cli.datamodule.root == folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_fast_dev_run_of_every_config(config, folder, tmp_path):
+    res = "--model.model.init_args.resolution"
+    size = 64 if "anime" in config.stem else 32
+    args = tiny_args(folder, tmp_path, image_size=size)
+    main(["fit", "--config", str(config), *args, f"{res}={size}", "--trainer.fast_dev_run=2"])
+
+
+def test_misspelled_key_fails_at_parse_time_with_its_name(folder, tmp_path, capsys):
+    cfg = CONFIGS[0]
+    with pytest.raises(SystemExit) as e:
+        build_cli(
+            ["--config", str(cfg), *tiny_args(folder, tmp_path), "--model.lrr=0.1"], run=False
+        )
+    assert e.value.code != 0
+    assert "lrr" in capsys.readouterr().err
+
+
+def test_wrong_type_fails_at_parse_time(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_cli(
+            ["--config", str(CONFIGS[0]), *tiny_args(folder, tmp_path), "--data.batch_size=many"],
+            run=False,
+        )
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_missing_data_folder_errors_before_training(tmp_path):
+    args = tiny_args(tmp_path / "nope", tmp_path)
+    with pytest.raises((SystemExit, FileNotFoundError)) as e:
+        build_cli(["--config", str(CONFIGS[0]), *args], run=False)
+    assert "nope" in str(e.value) or e.type is SystemExit
+
+
+class StopAt(L.Callback):
+    """Stops training after ``step`` optimizer steps, as an interruption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _config(tmp: Path, every: int) -> Path:
+    """The quickstart config with a periodic checkpoint every ``every`` steps (save_last)."""
+    import yaml
+
+    cfg = yaml.safe_load(QUICKSTART.read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in cb.get(
+            "init_args", {}
+        ):
+            cb["init_args"].update(every_n_train_steps=every, save_last=True)
+    path = tmp / f"quickstart_every{every}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _fit(folder: Path, out: Path, steps: int, *extra: str, config: Path = QUICKSTART) -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *tiny_args(folder, out),
+            *quick_overrides(),
+            f"--trainer.max_steps={steps}",
+            "--trainer.val_check_interval=10",
+            "--trainer.log_every_n_steps=5",
+            "--model.warmup_steps=5",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path):
+    _fit(folder, tmp_path, 60)
+    runs = sorted(tmp_path.glob("tensorboard/version_*"))
+    summary = json.loads((runs[-1] / "summary.json").read_text())
+    assert summary["steps"] == 60
+    assert summary["codebook_size"] == 64
+    assert 0 < summary["utilization"] <= 1
+    for name in ("reconstructions.png", "code_usage.png"):
+        assert Image.open(runs[-1] / name).size[0] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs[-1])).Reload()
+    loss = [e.value for e in acc.Scalars("train/loss")]
+    assert np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    tags = acc.Tags()["scalars"]
+    for tag in ("val/utilization", "val/perplexity", "train_window/utilization", "train/lr"):
+        assert tag in tags, tag
+    # The best checkpoint reloads into a fresh module and reproduces its reconstructions.
+    from vqkit.training import VQTokenizerModule
+
+    ckpt = next(tmp_path.rglob("best-*.ckpt"))
+    cli = build_cli(
+        ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path), *quick_overrides()], run=False
+    )
+    module: VQTokenizerModule = cli.model
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    again = build_cli(
+        ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path), *quick_overrides()], run=False
+    ).model
+    again.load_state_dict(state)
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(x).reconstructions, again.model(x).reconstructions)
+        assert not torch.equal(module.model(x).indices, torch.zeros_like(module.model(x).indices))
+
+
+@pytest.mark.slow
+def test_interrupted_then_resumed_run_matches_uninterrupted(folder, tmp_path):
+    config = _config(tmp_path, every=7)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    _fit(folder, whole, 14, config=config)
+    # Interrupted after step 9 of the same 14-step run (same schedule); last save at step 7.
+    stop = (
+        '--trainer.callbacks+={"class_path": "tests.test_training.StopAt", '
+        '"init_args": {"step": 9}}'
+    )
+    _fit(folder, part, 14, stop, config=config)
+    assert not list(part.rglob("periodic-step=14.ckpt"))
+    ck = next(part.rglob("periodic-step=7.ckpt"))
+    _fit(folder, part / "resumed", 14, f"--ckpt_path={ck}", config=config)
+    a = torch.load(next(whole.rglob("periodic-step=14.ckpt")), weights_only=False)
+    b = torch.load(next((part / "resumed").rglob("periodic-step=14.ckpt")), weights_only=False)
+    assert a["global_step"] == b["global_step"] == 14
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=k)
