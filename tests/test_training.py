@@ -204,3 +204,21 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(folder, tmp_path):
     assert a["global_step"] == b["global_step"] == 14
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_broken_files_are_skipped_and_counted_in_the_summary(tmp_path):
+    root = make_folder(tmp_path / "mixed", n=16)
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("not an image")
+    good = (root / "img000.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (40, 40), 128).save(root / "grey.png")
+    Image.new("P", (40, 40), 3).save(root / "palette.gif")
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(root / "deep.png")
+    Image.new("CMYK", (40, 40), (0, 50, 100, 0)).save(root / "cmyk.jpg")
+    out = tmp_path / "run"
+    _fit(root, out, 6)
+    summary = json.loads(next(out.rglob("summary.json")).read_text())
+    assert summary["skipped_images"] == 3
+    assert summary["steps"] == 6

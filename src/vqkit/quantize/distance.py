@@ -22,6 +22,11 @@ def _rows_per_chunk(k: int, chunk_size: int | None, max_block: int) -> int:
     return max(1, max_block // max(k, 1))
 
 
+def _sqnorm(x: Tensor) -> Tensor:
+    # One reduction pass; x.pow(2).sum(1) would first write an (M, D) temporary.
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
 def _fp32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -63,7 +68,7 @@ def nearest(
             if not return_distances:
                 return scores.argmin(1), None
             best, arg = scores.min(1)
-            return arg, (best + x.pow(2).sum(1)).clamp_min_(0.0)
+            return arg, (best + _sqnorm(x)).clamp_min_(0.0)
         idx = torch.empty(m, dtype=torch.long, device=x.device)
         dist = torch.empty(m, dtype=torch.float32, device=x.device) if return_distances else None
         for s in range(0, m, rows):
@@ -71,7 +76,7 @@ def nearest(
             scores = torch.addmm(csq, xs, ct, beta=1.0, alpha=-2.0)
             if return_distances:
                 best, arg = scores.min(1)
-                dist[s : s + rows] = (best + xs.pow(2).sum(1)).clamp_min_(0.0)
+                dist[s : s + rows] = (best + _sqnorm(xs)).clamp_min_(0.0)
             else:
                 arg = scores.argmin(1)
             idx[s : s + rows] = arg

@@ -78,6 +78,10 @@ class EMAUpdate(nn.Module):
 class Maintenance(nn.Module):
     """Base class of codebook-maintenance strategies."""
 
+    #: set by strategies that read ``quantizer._last_min_dist`` (each token's squared distance
+    #: to its code); the quantizer computes it only when some strategy asks.
+    needs_min_distances = False
+
     def bind(self, quantizer: VectorQuantizer) -> None:
         """Called once by the owning quantizer: create buffers sized to its codebook."""
 
@@ -420,6 +424,8 @@ class DeadCodeRestart(Maintenance):
         self.reservoir_size = reservoir_size
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
+
+    needs_min_distances = True
 
     def bind(self, quantizer: VectorQuantizer) -> None:
         if self.source == "reservoir":

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from einops import pack, unpack
 from torch import Tensor, nn
 
 from . import distributed as D
@@ -41,10 +40,34 @@ class QuantizerOutput:
     perplexity: Tensor | None = None
 
 
-def _mse(a: Tensor, b: Tensor) -> Tensor:
-    # A process may hold no tokens in a step (sparse inputs, uneven shards): its loss is 0,
-    # not the NaN of an empty mean, and it still takes part in every collective.
-    return F.mse_loss(a, b) if a.numel() else (a.sum() + b.sum()) * 0.0
+class _MSETo(torch.autograd.Function):
+    """``mse(a, b)`` whose value is computed once outside and whose gradient flows to ``a`` only.
+
+    Commitment (gradient to z) and codebook (gradient to q) losses have the same value; sharing
+    it and writing each gradient in one pass saves memory traffic on large token batches.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, value: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(a, b)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        a, b = ctx.saved_tensors
+        return torch.sub(a, b).mul_(grad * (2.0 / max(a.numel(), 1))), None, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the codes ``q``; backward hands the gradient to the inputs ``z``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, q: Tensor) -> Tensor:  # noqa: ANN001
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        return grad, None
 
 
 class VectorQuantizer(nn.Module):
@@ -194,7 +217,7 @@ class VectorQuantizer(nn.Module):
         return F.normalize(c, dim=1) if self.distance == "cosine" else c
 
     # ----------------------------------------------------------------------------- layout
-    def _flatten(self, x: Tensor) -> tuple[Tensor, list, tuple[int, ...]]:
+    def _flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         if self.channel_first:
             if x.dim() < 3:
                 raise ValueError(
@@ -219,11 +242,12 @@ class VectorQuantizer(nn.Module):
                     f"{self.dim} (shape {tuple(x.shape)}); pass channel_first=True for (B, D, ...)"
                 )
         lead = tuple(x.shape[:-1])
-        flat, ps = pack([x], "* d")
-        return flat, ps, lead
+        return x.reshape(-1, self.dim), lead
 
-    def _unflatten(self, flat: Tensor, ps: list) -> Tensor:
-        (x,) = unpack(flat, ps, "* d")
+    def _unflatten(self, flat: Tensor, lead: tuple[int, ...]) -> Tensor:
+        # For channel-first maps this returns a channels-last strided view rather than copying:
+        # convolutions accept it (and are faster with it on CPU).
+        x = flat.reshape(*lead, flat.shape[-1])
         return x.movedim(-1, 1) if self.channel_first else x
 
     def _check_finite(self, x: Tensor) -> None:
@@ -246,11 +270,11 @@ class VectorQuantizer(nn.Module):
     def forward(self, x: Tensor) -> QuantizerOutput:
         if self.check_finite:
             self._check_finite(x)
-        flat, ps, lead = self._flatten(x)
+        flat, lead = self._flatten(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = self._quantize(flat.float() if flat.dtype != torch.float32 else flat)
         quantized, indices, loss, losses, used, ppl = out
-        quantized = self._unflatten(quantized.to(x.dtype), ps)
+        quantized = self._unflatten(quantized.to(x.dtype), lead)
         return QuantizerOutput(
             quantized=quantized,
             indices=indices.view(lead),
@@ -280,7 +304,11 @@ class VectorQuantizer(nn.Module):
             )
             self._last_min_dist = None
         else:
-            indices, self._last_min_dist = nearest(zd, codes.detach(), max_block=self.max_block)
+            # Only dead-code restart reads the distances; skipping them saves passes over z.
+            want = training and any(m.needs_min_distances for m in self.maintenance)
+            indices, self._last_min_dist = nearest(
+                zd, codes.detach(), max_block=self.max_block, return_distances=want
+            )
 
         counts, sums = self._batch_stats(zd, indices, with_sums=training and self.uses_ema)
         if training:
@@ -299,13 +327,18 @@ class VectorQuantizer(nn.Module):
             quantized, losses = z, {}
         else:
             q = F.embedding(indices, codes)
-            losses = {"commitment": self.commitment_weight * _mse(z, q.detach())}
+            qd = q.detach()
+            with torch.no_grad():
+                mse = F.mse_loss(zd, qd) if z.numel() else z.new_zeros(())
+            # A process may hold no tokens in a step (sparse inputs, uneven shards): its loss is
+            # then 0, not the NaN of an empty mean, and it still joins every collective.
+            losses = {"commitment": self.commitment_weight * _MSETo.apply(z, qd, mse)}
             if not self.uses_ema:
-                losses["codebook"] = self.codebook_weight * _mse(q, zd)
+                losses["codebook"] = self.codebook_weight * _MSETo.apply(q, zd, mse)
             for r in self.regularizers:
                 losses[r.name] = r(self, z)
             # Straight-through: forward uses q, backward copies the gradient to z.
-            quantized = z + (q - z).detach()
+            quantized = _StraightThrough.apply(z, q)
         loss = sum(losses.values(), zero)
 
         if training:
@@ -378,7 +411,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Indices of the nearest codes; deterministic, touches no statistics."""
-        flat, _, lead = self._flatten(x)
+        flat, lead = self._flatten(x)
         if self.check_finite:
             self._check_finite(flat)
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -63,6 +63,9 @@ class TrainingSummary(L.Callback):
             train_seconds=round(self._train_seconds, 3),
             images_per_second=self._images / self._train_seconds if self._train_seconds else 0.0,
         )
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "skipped_count"):
+            out["skipped_images"] = dm.skipped_count
         for key in ("used_codes", "dead_codes"):
             if key in out:
                 out[key] = int(out[key])
