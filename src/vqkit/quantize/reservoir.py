@@ -155,7 +155,7 @@ class ReservoirSampler(nn.Module):
                 local = items[cuts[rank] : cuts[rank + 1]] - offset
             else:
                 local, counts = items, None
-            rows = x.detach()[_to(torch.from_numpy(local), x.device)]
+            rows = x.detach().index_select(0, _to(torch.from_numpy(local), x.device))
             if rows.dtype != self.buffer.dtype:
                 rows = rows.to(self.buffer.dtype)
             if counts is not None:
