@@ -64,8 +64,13 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 when other jobs share cores)"
+    )
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for m in args.tokens:

@@ -147,7 +147,7 @@ def _fit(folder: Path, out: Path, steps: int, *extra: str, config: Path = QUICKS
 
 @pytest.mark.slow
 def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path):
-    _fit(folder, tmp_path, 60)
+    _fit(folder, tmp_path, 60, "--model.lr=0.002")
     runs = sorted(tmp_path.glob("tensorboard/version_*"))
     summary = json.loads((runs[-1] / "summary.json").read_text())
     assert summary["steps"] == 60
@@ -158,8 +158,9 @@ def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(runs[-1])).Reload()
-    loss = [e.value for e in acc.Scalars("train/loss")]
-    assert np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+    # Held-out reconstruction error falls (train loss on batches of 4 is too noisy to compare).
+    val = [e.value for e in acc.Scalars("val/l1")]
+    assert len(val) == 6 and val[-1] < 0.95 * val[0], val
     tags = acc.Tags()["scalars"]
     for tag in ("val/utilization", "val/perplexity", "train_window/utilization", "train/lr"):
         assert tag in tags, tag
