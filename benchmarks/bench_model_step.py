@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -35,10 +36,32 @@ VARIANTS: dict[str, tuple[str, bool, bool, int]] = {
     "eager": ("group", False, False, 2),
     "eager-1thread": ("group", False, False, 1),
     "channels_last": ("group", True, False, 2),
+    "channels_last-1thread": ("group", True, False, 1),
     "norm=none": ("none", False, False, 2),
     "norm=none+channels_last": ("none", True, False, 2),
     "compiled+channels_last": ("group", True, True, 2),
+    "compiled+channels_last-1thread": ("group", True, True, 1),
     "compiled+norm=none+channels_last": ("none", True, True, 2),
+}
+# The 64px models are 4x the work per image: fewer steps per chunk and only the variants that
+# decide the recommendation, so the whole script stays near 10 minutes on 2 busy cores.
+STEPS = {"q32": 5, "q64f4": 2, "q64f8": 2}
+DEFAULT_VARIANTS = {
+    "q32": list(VARIANTS),
+    "q64f4": [
+        "eager",
+        "channels_last",
+        "channels_last-1thread",
+        "norm=none+channels_last",
+        "compiled+channels_last",
+    ],
+    "q64f8": [
+        "eager",
+        "channels_last",
+        "channels_last-1thread",
+        "norm=none+channels_last",
+        "compiled+channels_last",
+    ],
 }
 
 
@@ -64,7 +87,8 @@ def make_step(model: ResNetVQModel, images: torch.Tensor) -> Callable[[], None]:
 
 def run_config(config: str, args: argparse.Namespace) -> list[dict]:
     variants = {}
-    for name in args.variants:
+    steps = args.steps or STEPS[config]
+    for name in args.variants or DEFAULT_VARIANTS[config]:
         norm_type, channels_last, compiled, threads = VARIANTS[name]
         model, res = build(config, norm_type, args.codebook_size, args.dim)
         images = torch.rand(args.batch, 3, res, res) * 2 - 1
@@ -96,9 +120,9 @@ def run_config(config: str, args: argparse.Namespace) -> list[dict]:
         for v in variants.values():
             torch.set_num_threads(v["threads"])
             t0 = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 v["step"]()
-            v["ips"].append(args.batch * args.steps / (time.perf_counter() - t0))
+            v["ips"].append(args.batch * steps / (time.perf_counter() - t0))
     torch.set_num_threads(args.threads)
     rows = []
     for name, v in variants.items():
@@ -112,6 +136,7 @@ def run_config(config: str, args: argparse.Namespace) -> list[dict]:
                 "resolution": res,
                 "tokens": f"{res // f}x{res // f}",
                 "batch": args.batch,
+                "steps_per_round": steps,
                 "threads": v["threads"],
                 "images_per_s": round(statistics.median(v["ips"]), 1),
                 "min": round(min(v["ips"]), 1),
@@ -119,14 +144,17 @@ def run_config(config: str, args: argparse.Namespace) -> list[dict]:
                 "compile_s": v["compile_s"],
             }
         )
+        # Progress on stderr: a long run that gets killed still leaves its numbers.
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
 def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    steps = "/".join(str(n) for n in sorted({r["steps_per_round"] for r in rows}))
     lines = [
         f"Train step (fwd + bwd + AdamW), fp32 on CPU ({platform.processor() or 'cpu'}, "
         f"torch {torch.__version__}), batch {args.batch}, codebook {args.codebook_size} x "
-        f"{args.dim}; median of {args.rounds} rounds of {args.steps} steps, range in brackets. "
+        f"{args.dim}; median of {args.rounds} rounds of {steps} steps, range in brackets. "
         "Other processes shared the cores: compare variants within a config, not across runs.",
         "",
         "| config | params | image -> tokens | variant | images/s | compile s |",
@@ -145,9 +173,9 @@ def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: per config")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, help="steps per round; default: per config")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--codebook-size", type=int, default=1024)
     p.add_argument("--dim", type=int, default=64)

@@ -13,6 +13,7 @@ repeats measure the same work.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
 
     rows = []
     for m in args.batches:
@@ -148,9 +150,11 @@ def main() -> None:
                 file=sys.stderr,
             )
 
+    load_after = os.getloadavg()[0]
     result = {
         "benchmark": "reservoir_add",
         "machine": {"device": str(device), **machine_info()},
+        "load_average_1min": {"before": load_before, "after": load_after},
         "targets": {"speedup_min": 10.0, "share_of_step_max": 0.05},
         "rows": rows,
     }
@@ -162,7 +166,9 @@ def main() -> None:
         "reservoir evicted from the CPU caches. *Loop* "
         "is VQFR's per-sample update. *Step* is one fp32 `nearest(x, codebook)` with K=1024 for "
         "the same batch, standing in for a quantizer step. Targets: >= 10x faster than the loop "
-        "and < 5% of a step.",
+        "and < 5% of a step. 1-min load average before / after the run: "
+        f"{load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores (well above 0, other "
+        "jobs shared the machine and all times are inflated, unevenly).",
         "",
         "| batch | stream position | accepted (exp.) | loop s | vqkit s | speedup | step s "
         "| vqkit / step |",

@@ -92,6 +92,20 @@ def test_matches_sequential_reference_including_collisions(size, sizes):
     assert ref.collisions > 0  # the last-wins rule was actually exercised
 
 
+def test_single_replacement_can_overwrite_a_slot_filled_in_the_same_batch():
+    # Batch [7, 8] into size 8 from seen=7: item 7 fills slot 7, item 8 may then pick slot 7.
+    x = _stream(9)
+    collided = 0
+    for seed in range(60):
+        r, ref = ReservoirSampler(8, 3, seed=seed), SequentialReference(8, 3, seed=seed)
+        for b in _batches(x, [7, 2]):
+            r.add(b)
+            ref.add(b)
+        assert torch.equal(r.contents(), ref.contents()), seed
+        collided += ref.collisions
+    assert collided > 0
+
+
 def _inclusion_counts(sizes: list[int], runs: int, size: int, seed0: int = 0) -> torch.Tensor:
     total = sum(sizes)
     x = _stream(total)

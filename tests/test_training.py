@@ -147,7 +147,7 @@ def _fit(folder: Path, out: Path, steps: int, *extra: str, config: Path = QUICKS
 
 @pytest.mark.slow
 def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path):
-    _fit(folder, tmp_path, 60, "--model.lr=0.002")
+    _fit(folder, tmp_path, 60, "--model.lr=0.002", "--model.usage_window_steps=20")
     runs = sorted(tmp_path.glob("tensorboard/version_*"))
     summary = json.loads((runs[-1] / "summary.json").read_text())
     assert summary["steps"] == 60

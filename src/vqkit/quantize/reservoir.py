@@ -178,19 +178,25 @@ class ReservoirSampler(nn.Module):
         """
         s, size = self._seen, self.size
         n_fill = min(max(size - s, 0), total)
-        fill_items = np.arange(n_fill, dtype=np.int64)
         if n_fill == total:
-            return fill_items, fill_items + s
+            items = np.arange(total, dtype=np.int64)
+            return items, items + s
         # Item at stream position i (0-based) replaces slot j ~ U{0..i} when j < size. Float64
         # uniforms scaled by i + 1 are unbiased to ~i / 2**53; the rare rounding up to j = i + 1
         # is harmless because i >= size, so that item is rejected just as j = i would be.
+        # floor(v) < size iff v < size, so only the accepted few are converted to integers.
         u = torch.rand(total - n_fill, dtype=torch.float64, generator=self._gen).numpy()
-        j = (u * np.arange(s + n_fill + 1, s + total + 1, dtype=np.float64)).astype(np.int64)
-        hit = np.flatnonzero(j < size)
-        if len(hit) == 0:
-            return fill_items, fill_items + s
-        items = np.concatenate([fill_items, hit + n_fill])
-        slots = np.concatenate([fill_items + s, j[hit]])
+        v = u * np.arange(s + n_fill + 1, s + total + 1, dtype=np.float64)
+        hit = np.flatnonzero(v < size)
+        rest_slots = v[hit].astype(np.int64)
+        if n_fill:
+            fill_items = np.arange(n_fill, dtype=np.int64)
+            items = np.concatenate([fill_items, hit + n_fill])
+            slots = np.concatenate([fill_items + s, rest_slots])
+        else:
+            items, slots = hit, rest_slots
+        if len(hit) == 0 or len(items) == 1:  # the fill slots alone never collide
+            return items, slots
         # Sequential Algorithm R lets the last writer of a slot win: mark each slot with its
         # highest item (unbuffered ``maximum.at``, O(m), no sort) and keep the items that won.
         if self._owner is None:
