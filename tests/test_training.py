@@ -164,8 +164,9 @@ def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path)
     tags = acc.Tags()["scalars"]
     for tag in ("val/utilization", "val/perplexity", "train_window/utilization", "train/lr"):
         assert tag in tags, tag
-    # The best checkpoint reloads into a fresh module and reproduces its reconstructions.
-    from vqkit.training import VQTokenizerModule
+    # The best checkpoint rebuilds its whole model from the checkpoint alone (no config file)
+    # and reproduces the reconstructions of a module loaded the long way.
+    from vqkit.training import VQTokenizerModule, load_model, load_tokenizer
 
     ckpt = next(tmp_path.rglob("best-*.ckpt"))
     cli = build_cli(
@@ -176,14 +177,24 @@ def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path)
     module.load_state_dict(state)
     module.eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    again = build_cli(
-        ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path), *quick_overrides()], run=False
-    ).model
-    again.load_state_dict(state)
-    again.eval()
+    loaded = load_tokenizer(ckpt)
+    assert type(loaded) is VQTokenizerModule and not loaded.training
+    assert loaded.quantizer.codebook_size == 64
+    assert loaded.hparams.lr == 0.002
+    model = load_model(ckpt)
+    # The same weights go into a model the caller builds, too.
+    again = load_tokenizer(
+        ckpt,
+        model=build_cli(
+            ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path), *quick_overrides()],
+            run=False,
+        ).model.model,
+    )
     with torch.no_grad():
-        torch.testing.assert_close(module.model(x).reconstructions, again.model(x).reconstructions)
-        assert not torch.equal(module.model(x).indices, torch.zeros_like(module.model(x).indices))
+        ref = module.model(x)
+        torch.testing.assert_close(model(x).reconstructions, ref.reconstructions)
+        torch.testing.assert_close(again.model(x).reconstructions, ref.reconstructions)
+        assert not torch.equal(ref.indices, torch.zeros_like(ref.indices))
 
 
 @pytest.mark.slow
@@ -223,3 +234,35 @@ def test_broken_files_are_skipped_and_counted_in_the_summary(tmp_path):
     summary = json.loads(next(out.rglob("summary.json")).read_text())
     assert summary["skipped_images"] == 3
     assert summary["steps"] == 6
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    from vqkit.models import ResNetVQModel
+    from vqkit.quantize import VectorQuantizer
+    from vqkit.training import CheckpointError, VQTokenizerModule, load_tokenizer
+
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tokenizer(tmp_path / "missing.ckpt")
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_tokenizer(bad)
+    torch.save({"weights": 1}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        load_tokenizer(tmp_path / "other.ckpt")
+
+    def model(k: int) -> ResNetVQModel:
+        q = VectorQuantizer(dim=8, codebook_size=k, channel_first=True)
+        return ResNetVQModel(q, resolution=16, base_channels=8, channel_mult=(1, 2), z_channels=8)
+
+    # A module built in Python: its checkpoint holds the plain hyperparameters, not the model.
+    trainer = L.Trainer(
+        max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.strategy.connect(VQTokenizerModule(model(16), lr=1e-3))
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    with pytest.raises(CheckpointError, match="pass the model"):
+        load_tokenizer(tmp_path / "python.ckpt")
+    assert load_tokenizer(tmp_path / "python.ckpt", model=model(16)).hparams.lr == 1e-3
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_tokenizer(tmp_path / "python.ckpt", model=model(32))

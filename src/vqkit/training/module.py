@@ -4,12 +4,14 @@ inside the quantizer on its own step counter."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..evaluation.metrics import psnr, ssim
@@ -25,6 +27,22 @@ _USAGE_FIELDS = ("utilization", "used_codes", "perplexity", "normalized_entropy"
 
 def _images(batch) -> Tensor:  # noqa: ANN001
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _save_config(module: L.LightningModule) -> None:
+    """Save the constructor arguments as hyperparameters.
+
+    Under ``vqkit fit`` (LightningCLI) they arrive as the config itself, ``class_path`` and all,
+    so a checkpoint rebuilds its whole model with ``load_from_checkpoint(path)`` and nothing else.
+    Built in Python, the arguments that are modules are left out (they live in the state dict);
+    such a checkpoint needs ``model=`` passed back when it is loaded.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+        module.save_hyperparameters(frame=inspect.currentframe().f_back)
+    modules = [k for k, v in module.hparams.items() if isinstance(v, nn.Module)]
+    for k in modules:
+        del module.hparams[k]
 
 
 class VQTokenizerModule(L.LightningModule):
@@ -63,7 +81,7 @@ class VQTokenizerModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if usage_window_steps < 1:
             raise ValueError(f"usage_window_steps must be >= 1, got {usage_window_steps}")
-        self.save_hyperparameters(ignore=["model", "loss"])
+        _save_config(self)
         self.model = model
         self.loss = loss if loss is not None else VQLoss()
         self._val_batch: Tensor | None = None

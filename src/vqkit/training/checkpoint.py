@@ -1,0 +1,90 @@
+"""Load a trained tokenizer back from a Lightning checkpoint.
+
+A checkpoint written by ``vqkit fit`` carries its own config (see ``_save_config`` in
+``module.py``), so ``load_tokenizer(path)`` rebuilds the exact model with no config file. A
+checkpoint of a module built in Python needs its model passed back: ``load_tokenizer(path,
+model=...)``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import VQModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not a vqkit tokenizer."""
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load`` with errors that name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def load_tokenizer(
+    path: str | Path,
+    *,
+    model: VQModel | None = None,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+) -> nn.Module:
+    """The training module (``VQTokenizerModule`` or a subclass) of a checkpoint, in eval mode.
+
+    ``model``: the ``VQModel`` to load the weights into, for checkpoints written outside
+    ``vqkit fit``; when given it must have the checkpoint's shapes (codebook size included).
+    """
+    from lightning.pytorch.core.saving import _load_state
+
+    from .module import VQTokenizerModule
+
+    ckpt = read_checkpoint(path, map_location)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if model is None and "model" not in hparams:
+        raise CheckpointError(
+            f"{path} does not record its model config (it was not written by `vqkit fit`); "
+            "pass the model: load_tokenizer(path, model=...)"
+        )
+    cls = VQTokenizerModule
+    class_path = hparams.get("_class_path")
+    if class_path:
+        import importlib
+
+        mod, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(mod), name)
+    kwargs = {"model": model} if model is not None else {}
+    if model is not None:
+        # The module's plain hyperparameters only: the model (and any other configured object)
+        # comes from the caller, so nothing is instantiated from the config.
+        hparams = {
+            k: v
+            for k, v in hparams.items()
+            if not k.startswith("_")
+            and k != "model"
+            and not (isinstance(v, dict) and "class_path" in v)
+        }
+        ckpt = {**ckpt, "hyper_parameters": hparams}
+    try:
+        module = _load_state(cls, ckpt, strict=strict, **kwargs)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the model: {e}") from e
+    return module.eval()
+
+
+def load_model(path: str | Path, **kwargs) -> VQModel:  # noqa: ANN003
+    """The ``VQModel`` (encoder, quantizer, decoder) of a checkpoint, in eval mode."""
+    return load_tokenizer(path, **kwargs).model.eval()
