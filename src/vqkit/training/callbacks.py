@@ -72,10 +72,13 @@ class TrainingSummary(L.Callback):
         return out
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.global_rank != 0:
+        if trainer.sanity_checking:
+            return
+        # trainer.log_dir is a broadcast under DDP: every process must ask for it.
+        folder = run_dir(trainer)
+        if trainer.global_rank != 0:
             return
         summary = self.summary(trainer, pl_module)
-        folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         files = {"summary": folder / self.filename}
         batch = getattr(pl_module, "_val_batch", None)

@@ -1,0 +1,110 @@
+"""`vqkit fit` under Lightning's DDP with 2 CPU processes (gloo): the training loader shards
+itself, every process ends with the same weights and codebook, and a resumed DDP run matches
+an uninterrupted one bitwise."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_training import QUICKSTART, make_folder, quick_overrides, tiny_args
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+TESTS = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fit_ddp(folder: Path, out: Path, probe: Path, steps: int, *extra: str) -> None:
+    probe.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "VQKIT_PROBE_DIR": str(probe),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "vqkit.cli",
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        *tiny_args(folder, out),
+        *quick_overrides(),
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=4",
+        "--trainer.callbacks+=tests.ddp_probe.Probe",
+        *extra,
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+def _load(probe: Path) -> list[dict]:
+    return [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    # 40 images, 10 of them validation: 30 training images -> 15 per process, 3 batches of 4.
+    return make_folder(tmp_path_factory.mktemp("ddp_images"), n=40)
+
+
+def test_ddp_fit_shards_data_and_keeps_processes_identical(folder, tmp_path):
+    _fit_ddp(folder, tmp_path / "run", tmp_path / "probe", 8)
+    a, b = _load(tmp_path / "probe")
+    assert (a["world_size"], b["world_size"]) == (2, 2)
+    assert a["global_step"] == b["global_step"] == 8
+    # Epoch 0: the two shards are disjoint halves of one permutation of the training set.
+    sa, sb = set(a["shard_epoch0"]), set(b["shard_epoch0"])
+    assert not sa & sb
+    assert len(sa) == len(sb) == a["n"] // 2
+    # ... and the batches each process trained on really differ.
+    assert not torch.equal(a["batch_sums"][0], b["batch_sums"][0])
+    # Gradients are all-reduced, quantizer statistics all-reduced and reservoirs replicated:
+    # every parameter and buffer ends bitwise identical on both processes.
+    # (Validation counts are the exception: each process counts its own shard of the
+    # validation set and the figures are summed when they are read.)
+    assert a["state"].keys() == b["state"].keys()
+    local = {"model.quantizer.usage.eval_counts"}
+    for k in a["state"].keys() - local:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    both = (
+        a["state"]["model.quantizer.usage.eval_counts"]
+        + b["state"]["model.quantizer.usage.eval_counts"]
+    )
+    summary = json.loads(next((tmp_path / "run").rglob("summary.json")).read_text())
+    assert summary["used_codes"] == int((both > 0).sum())
+    summaries = list((tmp_path / "run").rglob("summary.json"))
+    assert len(summaries) == 1  # written once, by rank 0
+
+
+def test_ddp_resume_matches_uninterrupted_run(folder, tmp_path):
+    periodic = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"]
+    periodic += ["--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1"]
+    periodic += ["--trainer.callbacks.filename=p-{step}"]
+    _fit_ddp(folder, tmp_path / "whole", tmp_path / "pw", 10, *periodic)
+    ck = next((tmp_path / "whole").rglob("p-step=5.ckpt"))
+    _fit_ddp(folder, tmp_path / "resumed", tmp_path / "pr", 10, *periodic, f"--ckpt_path={ck}")
+    whole, resumed = _load(tmp_path / "pw"), _load(tmp_path / "pr")
+    for w, r in zip(whole, resumed, strict=True):
+        assert r["global_step"] == 10
+        # The resumed run trained on the same images in the same order after step 5.
+        for bw, br in zip(w["batch_sums"][5:], r["batch_sums"], strict=True):
+            torch.testing.assert_close(bw, br, rtol=0, atol=1e-9)
+        for k in w["state"]:
+            assert torch.equal(w["state"][k], r["state"][k]), k
