@@ -2,6 +2,7 @@
 
     vqkit fit|validate|test --config configs/quickstart.yaml [--key value ...]
     vqkit data fetch fluent-emoji-3d [--cache-dir DIR] [--tarball FILE]
+    vqkit analyze --ckpt PATH --output-dir DIR [--data DIR] [--plot] [--save-details] ...
 
 ``fit``/``validate``/``test`` are Lightning's CLI over typed signatures (jsonargparse): a
 misspelled key or a wrong type fails at parse time naming the key. The library never imports
@@ -34,6 +35,219 @@ def _data_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vqkit analyze",
+        description="Measure how a trained tokenizer uses its codebook on a set of images: "
+        "whole-set, per-batch and EMA-count figures side by side, in summary.json.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="folder of images (searched recursively); default: the validation split the "
+        "checkpoint was trained with (the bundled set's for the quickstart)",
+    )
+    p.add_argument("--output-dir", required=True, help="where summary.json (and more) go")
+    p.add_argument("--image-size", type=int, default=None, help="default: the training size")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--plot", action="store_true", help="write the PNG plots")
+    p.add_argument(
+        "--save-details",
+        action="store_true",
+        help="write codes.csv and indices.npy (N, h, w) int32 with indices.txt naming each row",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="tau of softmax(-d / tau)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    p.add_argument(
+        "--codebook-size", type=int, default=None, help="fail unless the checkpoint has this K"
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    return p
+
+
+def _analysis_device(name: str | None):  # noqa: ANN202
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = "use cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; {valid}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; {valid}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name} requested but CUDA is not available (torch {torch.__version__}"
+                "); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA devices are visible"
+            )
+    return dev
+
+
+def _analysis_data(args: argparse.Namespace, dm_hparams: dict, image_size: int):  # noqa: ANN202
+    """(dataset, image names, description) of the images to analyze."""
+    from pathlib import Path
+
+    from .data.datamodule import ImageDataModule
+    from .data.images import ImageFolderDataset
+
+    square = dm_hparams.get("square", "crop")
+    if args.data is not None:
+        root = Path(args.data).expanduser()
+        ds = ImageFolderDataset(root, image_size, square=square)
+        return ds, [p.relative_to(root).as_posix() for p in ds.paths], f"folder {root}"
+    keys = ("root", "val_root", "val_fraction", "split_seed", "max_images", "dataset", "cache_dir")
+    kwargs = {k: dm_hparams[k] for k in keys if k in dm_hparams}
+    if kwargs.get("root") is None:
+        kwargs.pop("root", None)
+        kwargs["dataset"] = kwargs.get("dataset") or "fluent-emoji-3d"
+    try:
+        dm = ImageDataModule(
+            **kwargs, image_size=image_size, batch_size=1, num_workers=0, augment=False
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"the checkpoint's training data is not here ({e}); pass --data DIR"
+        ) from e
+    dm.prepare_data()
+    dm.setup("validate")
+    if dm.val_dataset is None:
+        raise ValueError("the checkpoint's data has no validation split; pass --data DIR")
+    where = str(dm.root) if dm.root is not None else f"the bundled {dm.dataset} set"
+    base = dm.val_root or dm.root
+    names = [p.relative_to(base).as_posix() if base else p.name for p in dm.val_dataset.paths]
+    return dm.val_dataset, names, f"validation split of {where}"
+
+
+def _print_analysis(report, written) -> None:  # noqa: ANN001
+    w, b, e = report.whole_set, report.per_batch, report.ema_counts
+    gh, gw = report.token_grid
+    print(
+        f"vqkit analyze: {report.images} images, {report.tokens} tokens ({gh}x{gw} each), "
+        f"codebook_size {report.codebook_size}"
+    )
+    rows = [
+        ("", "whole set", "per batch: mean [min, max]", "EMA counts (training history)"),
+        (
+            "used codes",
+            f"{w.used_codes}",
+            f"{b.used_codes_mean:.1f} [{b.used_codes_min}, {b.used_codes_max}]",
+            f"{e.codes_above_threshold} with count >= {report.ema_threshold:g}" if e else "-",
+        ),
+        (
+            "utilization",
+            f"{w.utilization:.1%}",
+            f"{b.utilization_mean:.1%} [{b.utilization_min:.1%}, {b.utilization_max:.1%}]",
+            "-",
+        ),
+        (
+            "perplexity",
+            f"{w.perplexity:.1f}",
+            f"{b.perplexity_mean:.1f} [{b.perplexity_min:.1f}, {b.perplexity_max:.1f}]",
+            f"{e.ema_perplexity:.1f}" if e else "-",
+        ),
+        (
+            "normalized entropy",
+            f"{w.normalized_entropy:.3f}",
+            "-",
+            f"{e.ema_normalized_entropy:.3f}" if e else "-",
+        ),
+        ("dead codes", f"{w.dead_codes}", "-", "-"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip())
+    print(f"top 1% share {report.top1pct_share:.1%}, Gini {report.gini:.3f}")
+    print(f"mean quantization error (||z - c||^2) {report.mean_quantization_error:.4g}")
+    print(
+        f"soft-assignment entropy (tau={report.temperature:g}) {report.soft_entropy:.3f} nats, "
+        f"normalized {report.soft_normalized_entropy:.3f}"
+    )
+    print(f"reconstruction L1 {report.reconstruction_l1:.4f}, PSNR {report.psnr:.2f} dB")
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader, Subset
+
+    from .evaluation.analyze import analyze
+    from .training.checkpoint import CheckpointError, load_model, read_checkpoint
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = _analysis_device(args.device)
+    ckpt = read_checkpoint(args.ckpt)
+    model = load_model(args.ckpt)
+    k = model.quantizer.codebook_size
+    if args.codebook_size is not None and args.codebook_size != k:
+        raise CheckpointError(
+            f"{args.ckpt}: checkpoint has codebook_size {k}, expected {args.codebook_size}"
+        )
+    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
+    size = args.image_size or dm_hparams.get("image_size")
+    size = size or (model_args.get("init_args") or {}).get("resolution")
+    if size is None:
+        raise ValueError(f"{args.ckpt} does not record its image size; pass --image-size")
+    model.token_grid(int(size))  # a size the model cannot tokenize fails here, named
+    dataset, names, where = _analysis_data(args, dm_hparams, int(size))
+    if args.max_images is not None and args.max_images < len(dataset):
+        dataset, names = Subset(dataset, range(args.max_images)), names[: args.max_images]
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers
+    )
+    report = analyze(
+        model,
+        loader,
+        temperature=args.temperature,
+        device=device,
+        keep_index_maps=args.save_details,
+    )
+    out = Path(args.output_dir)
+    extra = {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "data": where,
+        "image_size": int(size),
+        "batch_size": args.batch_size,
+        "device": str(device),
+    }
+    written = report.save(out, details=args.save_details, names=names, extra=extra)
+    if args.plot:
+        from .evaluation.plots import save_report_plots
+
+        written += save_report_plots(report, out)
+    _print_analysis(report, written)
+    return 0
+
+
+def _analyze_main(argv: Sequence[str]) -> int:
+    args = _analyze_parser().parse_args(list(argv))
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return _run_analyze(args)
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"vqkit analyze: error: {e}", file=sys.stderr)
+        return 1
+
+
 def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
     """The LightningCLI over ``VQTokenizerModule`` and ``ImageDataModule`` (tests use
     ``run=False`` to parse and instantiate a config without training)."""
@@ -62,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         return _data_main(argv[1:])
+    if argv and argv[0] == "analyze":
+        return _analyze_main(argv[1:])
     build_cli(argv)
     return 0
 
