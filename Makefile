@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo test lint format bench clean
 
 # The venv is created once and reused; editing pyproject.toml reinstalls.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
