@@ -268,33 +268,72 @@ def test_cli_end_to_end_on_a_fit_checkpoint(fitted, tmp_path, capsys):
             assert im.format == "PNG" and im.size[0] > 0
             im.verify()
 
-    # --data and --max-images: the first images of a folder in sorted order
+    # --data and --max-images: the first images of a folder in sorted order, and the figures
+    # of a hand computation on the model the checkpoint rebuilds
+    from vqkit.data import load_image
+    from vqkit.training import load_model
+
     out2 = tmp_path / "folder"
+    args2 = ["--data", str(folder), "--max-images", "5", "--save-details", "--image-size", "16"]
+    assert main(["analyze", "--ckpt", str(ckpt), "--output-dir", str(out2), *args2]) == 0
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["images"] == 5 and s2["token_grid"] == [4, 4] and s2["image_size"] == 16
+    first = sorted(folder.iterdir())[:5]
+    assert (out2 / "indices.txt").read_text().split() == [p.name for p in first]
+    idx = load_model(ckpt).encode(torch.stack([load_image(p, 16) for p in first]))
+    assert np.array_equal(np.load(out2 / "indices.npy"), idx.numpy())
+    counts = np.bincount(idx.flatten().numpy(), minlength=64)
+    h = entropy_np(counts)
+    assert s2["whole_set"]["used_codes"] == s2["per_batch"]["used_codes_max"] == (counts > 0).sum()
+    assert s2["whole_set"]["perplexity"] == pytest.approx(math.exp(h), rel=1e-9)
+    assert s2["whole_set"]["normalized_entropy"] == pytest.approx(h / math.log(64), rel=1e-9)
+    assert not (out2 / PLOT_FILES[0]).exists()  # no --plot, no plots
+
+
+def test_cli_default_data_is_the_bundled_sets_validation_split(fitted, tmp_path, monkeypatch):
+    """A checkpoint trained on the bundled set (no root) is analyzed on that set's held-out
+    split; an offline fake of the set stands in for the real one."""
+    from tests.test_data_bundled import NAMES, make_tarball
+    from vqkit.data import DATASETS, FLUENT_EMOJI_3D, ImageDataModule, bundled, fetch
+
+    tgz = tmp_path / "fake-1.1.0.tgz"
+    sha = make_tarball(tgz)
+    fake = bundled.NpmDataset(
+        **{**FLUENT_EMOJI_3D.__dict__, "sha256": sha, "size": tgz.stat().st_size}
+    )
+    monkeypatch.setitem(DATASETS, "fluent-emoji-3d", fake)
+    monkeypatch.setenv("PATH", "")  # any attempt to run npm would fail loudly
+    fetch("fluent-emoji-3d", tmp_path / "cache", tarball=tgz)
+    ckpt = torch.load(fitted[0], weights_only=False)
+    hp = {
+        "root": None,
+        "cache_dir": str(tmp_path / "cache"),
+        "val_fraction": 0.25,
+        "image_size": 16,
+    }
+    ckpt["datamodule_hyper_parameters"] = hp
+    torch.save(ckpt, tmp_path / "bundled.ckpt")
+    out = tmp_path / "analysis"
     assert (
         main(
             [
                 "analyze",
                 "--ckpt",
-                str(ckpt),
+                str(tmp_path / "bundled.ckpt"),
                 "--output-dir",
-                str(out2),
-                "--data",
-                str(folder),
-                "--max-images",
-                "5",
+                str(out),
                 "--save-details",
-                "--image-size",
-                "16",
             ]
         )
         == 0
     )
-    s2 = json.loads((out2 / "summary.json").read_text())
-    assert s2["images"] == 5 and s2["token_grid"] == [4, 4] and s2["image_size"] == 16
-    assert (out2 / "indices.txt").read_text().split() == sorted(p.name for p in folder.iterdir())[
-        :5
-    ]
-    assert not (out2 / PLOT_FILES[0]).exists()
+    s = json.loads((out / "summary.json").read_text())
+    dm = ImageDataModule(**hp, batch_size=1, num_workers=0)
+    dm.setup()
+    val = [p.name for p in dm.val_dataset.paths]
+    assert s["data"] == "validation split of the bundled fluent-emoji-3d set"
+    assert (out / "indices.txt").read_text().split() == val and 0 < len(val) < len(NAMES)
+    assert s["image_size"] == 16 and s["token_grid"] == [4, 4] and s["images"] == len(val)
 
 
 def test_cli_errors_exit_nonzero_with_their_message(fitted, tmp_path, capsys):

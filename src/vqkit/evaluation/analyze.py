@@ -243,8 +243,16 @@ def _ema_figures(counts: Tensor, threshold: float) -> EMAUsageStats:
 
 def _images(batch) -> Tensor:  # noqa: ANN001
     if isinstance(batch, dict):
-        batch = batch.get("images", batch.get("image"))
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
+        key = next((k for k in ("images", "image") if k in batch), None)
+        if key is None:
+            raise KeyError(f"a dict batch needs an 'images' or 'image' entry, got {sorted(batch)}")
+        batch = batch[key]
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"batches must be image tensors (or start with one), got {type(x).__name__}"
+        )
+    return x
 
 
 def _progress(total: int | None, enabled: bool):  # noqa: ANN202
