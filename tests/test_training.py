@@ -56,8 +56,29 @@ def quick_overrides() -> list[str]:
     return [f"{q}codebook_size=64", "--model.model.init_args.base_channels=16"]
 
 
+@pytest.fixture(scope="module")
+def random_lpips_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Random VGG16 (torchvision format) and LPIPS linear weights: configs with
+    ``vqkit.losses.LPIPS`` build on a machine without the real files."""
+    from vqkit.losses.perceptual import LPIPS_CHANNELS, VGG16Features
+
+    root = tmp_path_factory.mktemp("lpips")
+    torch.manual_seed(0)
+    vgg = VGG16Features().state_dict()  # torchvision's keys: features.N.weight / bias
+    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS_CHANNELS)}
+    torch.save(vgg, root / "vgg16.pth")
+    torch.save(lin, root / "lin.pth")
+    return root / "vgg16.pth", root / "lin.pth"
+
+
+@pytest.fixture
+def lpips_env(random_lpips_files, monkeypatch) -> None:
+    monkeypatch.setenv("VQKIT_VGG16", str(random_lpips_files[0]))
+    monkeypatch.setenv("VQKIT_LPIPS_LIN", str(random_lpips_files[1]))
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_and_instantiates(config, folder, tmp_path):
+def test_every_config_parses_and_instantiates(config, folder, tmp_path, lpips_env):
     cli = build_cli(["--config", str(config), *tiny_args(folder, tmp_path)], run=False)
     q = cli.model.quantizer
     assert q.codebook_size == 1024
@@ -66,10 +87,13 @@ def test_every_config_parses_and_instantiates(config, folder, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_fast_dev_run_of_every_config(config, folder, tmp_path):
+def test_fast_dev_run_of_every_config(config, folder, tmp_path, lpips_env):
     res = "--model.model.init_args.resolution"
     size = 64 if "anime" in config.stem else 32
     args = tiny_args(folder, tmp_path, image_size=size)
+    if "VQGANModule" in config.read_text():
+        # the second step trains the discriminator too
+        args.append("--model.adversarial.init_args.disc_start=1")
     main(["fit", "--config", str(config), *args, f"{res}={size}", "--trainer.fast_dev_run=2"])
 
 

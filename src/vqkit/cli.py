@@ -249,8 +249,12 @@ def _analyze_main(argv: Sequence[str]) -> int:
 
 
 def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
-    """The LightningCLI over ``VQTokenizerModule`` and ``ImageDataModule`` (tests use
-    ``run=False`` to parse and instantiate a config without training)."""
+    """The LightningCLI over ``VQTokenizerModule`` (or a subclass) and ``ImageDataModule``
+    (tests use ``run=False`` to parse and instantiate a config without training).
+
+    ``model:`` is the module's arguments, which train a VQ-VAE; a config that gives
+    ``model: {class_path: vqkit.training.VQGANModule, init_args: {...}}`` trains a VQ-GAN.
+    """
     from lightning.pytorch.cli import LightningCLI
 
     from .data.datamodule import ImageDataModule
@@ -269,6 +273,9 @@ def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "vqkit", "default_env": False},
         auto_configure_optimizers=False,
+        # Any VQTokenizerModule subclass by class_path; without one, the plain VQ-VAE module
+        # (so `model: {model: ..., lr: ...}` configs and `--model.lr` keys keep working).
+        subclass_mode_model=True,
     )
 
 

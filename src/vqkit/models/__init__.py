@@ -1,7 +1,9 @@
-"""vqkit.models: the convolutional autoencoder and VQModel (plain nn.Modules, no Lightning)."""
+"""vqkit.models: the convolutional autoencoder, VQModel and the PatchGAN discriminator
+(plain nn.Modules, no Lightning)."""
 
 from .autoencoder import Decoder, Encoder
 from .blocks import AttnBlock, Downsample, ResBlock, Upsample, norm
+from .discriminator import PatchDiscriminator
 from .vqmodel import ResNetVQModel, VQModel, VQModelOutput
 
 __all__ = [
@@ -9,6 +11,7 @@ __all__ = [
     "Decoder",
     "Downsample",
     "Encoder",
+    "PatchDiscriminator",
     "ResBlock",
     "ResNetVQModel",
     "Upsample",

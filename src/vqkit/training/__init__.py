@@ -4,6 +4,7 @@ from .callbacks import TrainingSummary
 from .checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
 from .module import VQTokenizerModule
 from .schedules import warmup_cosine
+from .vqgan import VQGANModule
 
 __all__ = [
     "CheckpointError",
@@ -11,6 +12,7 @@ __all__ = [
     "load_tokenizer",
     "read_checkpoint",
     "TrainingSummary",
+    "VQGANModule",
     "VQTokenizerModule",
     "warmup_cosine",
 ]

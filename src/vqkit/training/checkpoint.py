@@ -66,6 +66,12 @@ def load_tokenizer(
 
         mod, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(mod), name)
+    # Training-only arguments (a perceptual network with its own weight files) are not needed
+    # to load the tokenizer, and are not in the checkpoint's state dict.
+    skipped = [k for k in getattr(cls, "inference_skips_args", ()) if k in hparams]
+    if skipped:
+        hparams = {k: v for k, v in hparams.items() if k not in skipped}
+        ckpt = {**ckpt, "hyper_parameters": hparams}
     kwargs = {"model": model} if model is not None else {}
     if model is not None:
         # The module's plain hyperparameters only: the model (and any other configured object)

@@ -101,6 +101,10 @@ class VQTokenizerModule(L.LightningModule):
                 + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
             )
         self._reset_replaced_rows()
+        self._log_training(images, out, total, terms)
+        return total
+
+    def _log_training(self, images: Tensor, out, total: Tensor, terms: dict) -> None:  # noqa: ANN001
         bs = images.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
@@ -110,19 +114,22 @@ class VQTokenizerModule(L.LightningModule):
             "train/batch_utilization", out.used_codes.float() / k, prog_bar=True, batch_size=bs
         )
         self.log("train/batch_perplexity", out.perplexity, batch_size=bs)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
+        self.log("train/lr", self._generator_optimizer().param_groups[0]["lr"], batch_size=bs)
         usage = self.quantizer.usage
         if int(usage.window_forwards) >= self.hparams.usage_window_steps:
             self._log_usage("train_window", usage.stats("window"))
             usage.reset_window()
         if self._every(self.hparams.log_images_every_n_steps):
             self._log_pictures("train", images, out.reconstructions, usage.batch_counts)
-        return total
+
+    def _generator_optimizer(self):  # noqa: ANN202
+        """The optimizer of the autoencoder and codebook (a subclass may add others)."""
+        return self.optimizers()
 
     def _reset_replaced_rows(self) -> None:
         if self.quantizer.uses_ema or not self.quantizer.replaced_mask.any():
             return
-        opt = self.optimizers()
+        opt = self._generator_optimizer()
         n = reset_optimizer_state(getattr(opt, "optimizer", opt), self.quantizer)
         self.log("train/codes_reset", float(n), reduce_fx="sum")
 
@@ -187,12 +194,11 @@ class VQTokenizerModule(L.LightningModule):
     # ------------------------------------------------------------------------------ optim
     def configure_optimizers(self):  # noqa: ANN201
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [p for p in self._generator_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
         )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        total = int(total) if total and math.isfinite(total) else max(hp.warmup_steps * 10, 1)
+        total = self._total_optimizer_steps()
 
         def factor(step: int) -> float:
             return (
@@ -209,3 +215,13 @@ class VQTokenizerModule(L.LightningModule):
 
         sched = LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _generator_parameters(self):  # noqa: ANN202
+        return self.parameters()
+
+    def _total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, where the cosine ends."""
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        if total and math.isfinite(total):
+            return int(total)
+        return max(self.hparams.warmup_steps * 10, 1)
