@@ -97,8 +97,12 @@ def plot_codebook_pca(report: UsageReport, path: Path) -> Path:
     c = report.counts.numpy()
     used = c > 0
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.scatter(xy[~used, 0], xy[~used, 1], c="lightgrey", marker="x", s=12, label="unused")
     sc = ax.scatter(xy[used, 0], xy[used, 1], c=c[used], cmap="viridis", s=14, norm="log")
+    # drawn last, so dead codes in the middle of the cloud stay visible
+    n_dead = int((~used).sum())
+    ax.scatter(
+        xy[~used, 0], xy[~used, 1], c="crimson", marker="x", s=18, label=f"unused ({n_dead})"
+    )
     if used.any():
         fig.colorbar(sc, ax=ax, label="tokens (log)")
     ax.set_title("codebook, first two principal axes")
