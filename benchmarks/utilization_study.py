@@ -603,6 +603,7 @@ FIELDS = (
     "psnr",
     "ssim",
     "train_seconds",
+    "train_cpu_seconds",
 )
 
 
@@ -853,7 +854,9 @@ def markdown(result: dict, images: dict[str, list[Path]], md_path: Path) -> str:
         f"({s['val_images'] * s['tokens_per_image']} tokens), indices counted by "
         "`vqkit.CodeUsage` for every row (the peer included); the curves are the "
         f"validation-split utilization every {s['curve_every']} steps. Training time is the sum "
-        "of the training-step times (data loading and validation excluded).",
+        "of the training-step times (data loading and validation excluded); it compares rows only "
+        "when nothing else ran on the machine, so the CPU time of the same steps (all threads) "
+        "is reported beside it.",
         "",
     ]
     for k, rows in result["summary"].items():
@@ -861,9 +864,12 @@ def markdown(result: dict, images: dict[str, list[Path]], md_path: Path) -> str:
         lines += [
             f"## K = {k}",
             "",
+            f"{s['steps'][k]} training steps per run; the validation split holds "
+            f"{s['val_images'] * s['tokens_per_image'] / int(k):.1f} tokens per code.",
+            "",
             "| # | row | utilization | used | perplexity | norm. entropy | dead | L1 | PSNR (dB) "
-            "| SSIM | train time (s) |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| SSIM | train time (s) | train CPU (s) |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for n in names:
             r = rows[n]
@@ -872,7 +878,7 @@ def markdown(result: dict, images: dict[str, list[Path]], md_path: Path) -> str:
                 f"{r['used_codes']:.1f} | {r['perplexity']:.1f} | {_f(r['normalized_entropy'])} | "
                 f"{r['dead_codes']:.1f} | {_f(r['l1'], 4)} | {_f(r['psnr'], 2)} | "
                 f"{_f(r['ssim'])} | "
-                f"{r['train_seconds']:.0f} |"
+                f"{r['train_seconds']:.0f} | {r['train_cpu_seconds']:.0f} |"
             )
         lines += [
             "",
