@@ -4,6 +4,10 @@
     python benchmarks/utilization_study.py --codebook-sizes 1024 8192
     python benchmarks/utilization_study.py --quick              # CI-sized check (~1 minute)
 
+The full table (11 rows x 2 seeds x 1,000 steps at K=1024) is estimated at 1-1.5 hours on 2 idle
+cores with ``--threads 2`` (at most ~1 h 52 min at the quickstart's Lightning step rate); how
+that was estimated is in ``docs/utilization_study.md`` until the generated page replaces it.
+
 Every row trains the quickstart model (``configs/quickstart.yaml``: 32 px, base 32, mult
 [1, 2, 2], z 64, quantizer dim 64) on the bundled Fluent Emoji 3D set with the same split, the
 same batches (the quickstart's seeded, resumable loader and augmentation), the same AdamW +
@@ -71,7 +75,7 @@ JSON_REL = Path("benchmarks/results/utilization_study.json")
 MD_REL = Path("docs/utilization_study.md")
 IMG_REL = Path("docs/images")
 QUICK_ROWS = ("plain", "default", "peer")
-DEFAULT_STEPS = 800
+DEFAULT_STEPS = 1000
 
 # Issue 6's targets for the default row.
 TARGET_UTILIZATION = 0.99
