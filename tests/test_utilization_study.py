@@ -22,6 +22,12 @@ from vqkit.quantize import DeadCodeRestart, EMAUpdate, KMeansInit, KMeansReestim
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _need_peer() -> None:
+    pytest.importorskip(
+        "vector_quantize_pytorch", reason="row 10 needs the bench extra: pip install -e .[bench]"
+    )
+
+
 @pytest.fixture(scope="module")
 def quickstart() -> dict:
     return U.load_quickstart()
@@ -39,6 +45,8 @@ def _ctx(quickstart: dict, k: int = 1024, scale: float = 0.01) -> U.Ctx:
 
 @pytest.mark.parametrize("name", list(U.ROWS))
 def test_row_builds_trains_and_evaluates(name: str, quickstart: dict) -> None:
+    if name == "peer":
+        _need_peer()
     # K=64 and schedules scaled to (warm-up 1, every 2) so k-means init and re-estimation run
     torch.manual_seed(0)
     q = U.build_quantizer(name, _ctx(quickstart, k=64))
@@ -66,6 +74,7 @@ def test_row_builds_trains_and_evaluates(name: str, quickstart: dict) -> None:
 
 
 def test_encoder_weights_do_not_depend_on_the_row(quickstart: dict) -> None:
+    _need_peer()
     a = U.build_model(U.build_quantizer("plain", _ctx(quickstart)), quickstart, seed=3)
     b = U.build_model(U.build_quantizer("peer", _ctx(quickstart)), quickstart, seed=3)
     c = U.build_model(U.build_quantizer("default", _ctx(quickstart)), quickstart, seed=4)
@@ -75,6 +84,7 @@ def test_encoder_weights_do_not_depend_on_the_row(quickstart: dict) -> None:
 
 
 def test_peer_adapter_is_counted_by_code_usage(quickstart: dict) -> None:
+    _need_peer()
     q = U.build_quantizer("peer", _ctx(quickstart, k=64))
     assert q.uses_ema and not q.replaced_mask.any()
     assert not any(p.requires_grad for p in q.vq._codebook.parameters())
@@ -130,6 +140,7 @@ def test_low_usage_reset_replaces_its_share(quickstart: dict) -> None:
 
 @pytest.mark.slow
 def test_quick_study_writes_json_markdown_and_pngs(tmp_path: Path) -> None:
+    _need_peer()
     result = U.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / U.JSON_REL).read_text())
     assert data["settings"]["quick"] and data["machine"]["cpu_cores"] >= 1
