@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[train,bench,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,bench,dev,eval]"
 	# LPIPS linear weights only (vqkit reads its files, never imports it): --no-deps, or it
 	# pulls torchvision and another torch.
 	$(BIN)/python -m pip install -q --no-deps lpips==0.1.4

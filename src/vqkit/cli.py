@@ -3,6 +3,7 @@
     vqkit fit|validate|test --config configs/quickstart.yaml [--key value ...]
     vqkit data fetch fluent-emoji-3d [--cache-dir DIR] [--tarball FILE]
     vqkit analyze --ckpt PATH --output-dir DIR [--data DIR] [--plot] [--save-details] ...
+    vqkit evaluate --ckpt PATH --output-dir DIR [--data DIR] [--metrics psnr,ssim,rfid] ...
 
 ``fit``/``validate``/``test`` are Lightning's CLI over typed signatures (jsonargparse): a
 misspelled key or a wrong type fails at parse time naming the key. The library never imports
@@ -248,6 +249,149 @@ def _analyze_main(argv: Sequence[str]) -> int:
         return 1
 
 
+def _evaluate_parser() -> argparse.ArgumentParser:
+    from .evaluation.evaluate import DEFAULT_METRICS, METRICS
+
+    p = argparse.ArgumentParser(
+        prog="vqkit evaluate",
+        description="Reconstruction metrics of a trained tokenizer (PSNR, SSIM, LPIPS, rFID, "
+        "codebook usage) in metrics.json and metrics.md.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="folder of images (searched recursively); default: the validation split the "
+        "checkpoint was trained with (the bundled set's for the quickstart)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help=f"comma-separated, from {','.join(METRICS)}; default: all, skipping with a note "
+        "those that cannot run here (LPIPS without its weights)",
+    )
+    p.add_argument("--output-dir", required=True, help="where metrics.json and metrics.md go")
+    p.add_argument("--image-size", type=int, default=None, help="default: the training size")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    p.add_argument(
+        "--fid-cache-dir",
+        default=None,
+        help="cache of the originals' Inception statistics (default ~/.cache/vqkit/fid-stats)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(default_metrics=DEFAULT_METRICS)
+    return p
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader, Subset
+
+    from .evaluation.evaluate import (
+        LPIPSUnavailableError,
+        check_metrics,
+        evaluate,
+        load_lpips,
+        markdown_table,
+    )
+    from .evaluation.fid import InceptionFeatures, InceptionNotFoundError
+    from .training.checkpoint import load_model, read_checkpoint
+
+    explicit = args.metrics is not None
+    metrics = list(check_metrics(args.metrics.split(",") if explicit else args.default_metrics))
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = _analysis_device(args.device)
+    ckpt = read_checkpoint(args.ckpt)
+    model = load_model(args.ckpt)
+    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
+    size = args.image_size or dm_hparams.get("image_size")
+    size = size or (model_args.get("init_args") or {}).get("resolution")
+    if size is None:
+        raise ValueError(f"{args.ckpt} does not record its image size; pass --image-size")
+    model.token_grid(int(size))  # a size the model cannot tokenize fails here, named
+    # Networks that may be missing here: asked for by name, their absence is an error; in the
+    # default list, a note.
+    notes, lpips, extractor = [], None, None
+    for name, build, missing in (
+        ("lpips", load_lpips, LPIPSUnavailableError),
+        ("rfid", InceptionFeatures, InceptionNotFoundError),
+    ):
+        if name not in metrics:
+            continue
+        try:
+            net = build()
+        except missing as e:
+            if explicit:
+                raise
+            metrics.remove(name)
+            notes.append(f"{name} skipped: {e}")
+            print(f"vqkit evaluate: note: {name} skipped: {e}", file=sys.stderr)
+            continue
+        lpips, extractor = (net, extractor) if name == "lpips" else (lpips, net)
+    dataset, _, where = _analysis_data(args, dm_hparams, int(size))
+    if args.max_images is not None and args.max_images < len(dataset):
+        dataset = Subset(dataset, range(args.max_images))
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers
+    )
+    results = evaluate(
+        model,
+        loader,
+        metrics,
+        device=device,
+        lpips=lpips,
+        extractor=extractor,
+        fid_cache_dir=args.fid_cache_dir,
+        progress=not args.no_progress,
+    )
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "data": where,
+        "image_size": int(size),
+        "device": str(device),
+        "metrics": results,
+        "notes": notes,
+    }
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    title = f"{Path(args.ckpt).name} on {where} ({int(size)} px)"
+    md = markdown_table(results, title) + "".join(f"\n_{n}_\n" for n in notes)
+    (out / "metrics.md").write_text(md)
+    print(md, end="")
+    print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    return 0
+
+
+def _evaluate_main(argv: Sequence[str]) -> int:
+    args = _evaluate_parser().parse_args(list(argv))
+    from .evaluation.evaluate import LPIPSUnavailableError
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return _run_evaluate(args)
+    except (
+        CheckpointError,
+        FileNotFoundError,
+        NotADirectoryError,
+        ValueError,
+        LPIPSUnavailableError,
+    ) as e:
+        print(f"vqkit evaluate: error: {e}", file=sys.stderr)
+        return 1
+
+
 def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
     """The LightningCLI over ``VQTokenizerModule`` (or a subclass) and ``ImageDataModule``
     (tests use ``run=False`` to parse and instantiate a config without training).
@@ -285,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _data_main(argv[1:])
     if argv and argv[0] == "analyze":
         return _analyze_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        return _evaluate_main(argv[1:])
     build_cli(argv)
     return 0
 

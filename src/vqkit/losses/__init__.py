@@ -9,6 +9,7 @@ from .adversarial import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
+from .inception import InceptionFeatureLoss
 from .perceptual import LPIPS, VGG16Features, WeightsNotFoundError
 from .reconstruction import VQLoss
 
@@ -16,6 +17,7 @@ __all__ = [
     "AdversarialLoss",
     "hinge_d_loss",
     "hinge_g_loss",
+    "InceptionFeatureLoss",
     "lecam_penalty",
     "LPIPS",
     "non_saturating_d_loss",

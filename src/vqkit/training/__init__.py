@@ -1,6 +1,6 @@
 """Lightning training: the module, callbacks and schedules."""
 
-from .callbacks import TrainingSummary
+from .callbacks import EvaluationCallback, TrainingSummary
 from .checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
 from .module import VQTokenizerModule
 from .schedules import warmup_cosine
@@ -8,6 +8,7 @@ from .vqgan import VQGANModule
 
 __all__ = [
     "CheckpointError",
+    "EvaluationCallback",
     "load_model",
     "load_tokenizer",
     "read_checkpoint",

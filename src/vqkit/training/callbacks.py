@@ -111,3 +111,149 @@ class TrainingSummary(L.Callback):
         console.print(table)
         for k, v in summary.get("files", {}).items():
             console.print(f"{k}: {v}")
+
+
+class EvaluationCallback(L.Callback):
+    """Evaluation metrics the training module does not log itself, on the validation set at
+    the end of every ``every_n_val_epochs``-th validation run, logged as ``val/<metric>``.
+
+    ``metrics``: "rfid" (reconstruction FID, :mod:`vqkit.evaluation.fid`) and/or "lpips"
+    (needs the VGG weights). PSNR, SSIM and codebook usage are logged by the module already.
+    Reconstructions go through tokens and back (``decode_indices(encode(x))``), which leaves
+    the quantizer's usage statistics untouched. The originals' Inception statistics are
+    computed on the first run (or read from the on-disk cache) and kept for the later ones.
+    ``max_images`` caps the images used (over all processes); rFID on few images is biased
+    upwards, so compare runs at the same cap. The sanity-check validation is skipped.
+    """
+
+    CHOICES = ("rfid", "lpips")
+
+    def __init__(
+        self,
+        metrics: list[str] | tuple[str, ...] = ("rfid",),
+        every_n_val_epochs: int = 1,
+        max_images: int | None = None,
+        fid_cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        metrics = tuple(metrics)
+        bad = [m for m in metrics if m not in self.CHOICES]
+        if bad or not metrics:
+            raise ValueError(
+                f"EvaluationCallback metrics must be a non-empty subset of {self.CHOICES}, got "
+                f"{list(metrics)} (psnr, ssim and usage are logged by the module already)"
+            )
+        if every_n_val_epochs < 1:
+            raise ValueError(f"every_n_val_epochs must be >= 1, got {every_n_val_epochs}")
+        if max_images is not None and max_images < 2:
+            raise ValueError(f"max_images must be >= 2 or None, got {max_images}")
+        self.metrics = metrics
+        self.every_n_val_epochs = every_n_val_epochs
+        self.max_images = max_images
+        self.fid_cache_dir = fid_cache_dir
+        self.val_runs = 0
+        self._active = False
+        self._extractor = None
+        self._lpips = None
+        self._reference = None
+        self._fid = None
+        self._tracker = None
+        self._images = 0
+        self._lpips_sum = 0.0
+        self._cache_key: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"val_runs": self.val_runs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.val_runs = int(state_dict.get("val_runs", 0))
+
+    def _loader(self, trainer: L.Trainer):  # noqa: ANN202
+        loaders = trainer.val_dataloaders
+        return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ..evaluation.fid import (
+            InceptionFeatures,
+            RFIDAccumulator,
+            ShardTracker,
+            load_cached_stats,
+            loader_fingerprint,
+        )
+
+        self._active = False
+        if trainer.sanity_checking:
+            return
+        self.val_runs += 1
+        if self.val_runs % self.every_n_val_epochs:
+            return
+        self._active = True
+        device = pl_module.device
+        loader = self._loader(trainer)
+        if "rfid" in self.metrics:
+            if self._extractor is None:
+                self._extractor = InceptionFeatures()
+            self._extractor.to(device)
+            if self._reference is None and self.max_images is None:
+                self._cache_key = loader_fingerprint(loader)
+                self._reference = load_cached_stats(self._cache_key, self.fid_cache_dir)
+            self._fid = RFIDAccumulator(self._extractor, self._reference)
+        if "lpips" in self.metrics:
+            if self._lpips is None:
+                from ..evaluation.evaluate import load_lpips
+
+                self._lpips = load_lpips()
+            self._lpips.to(device).eval()
+        self._tracker = ShardTracker(loader)
+        self._images = 0
+        self._lpips_sum = 0.0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:  # noqa: ANN001, ANN002
+        import math
+
+        from ..evaluation.evaluate import _lpips_per_image
+        from ..evaluation.fid import batch_images, reconstruct
+        from ..quantize import distributed as D
+
+        dataloader_idx = args[1] if len(args) > 1 else 0  # (batch_idx, dataloader_idx)
+        if not self._active or dataloader_idx != 0:
+            return
+        x = batch_images(batch)
+        x = x[self._tracker.keep(x.shape[0]).to(x.device)]
+        if self.max_images is not None:
+            cap = math.ceil(self.max_images / D.world_size())
+            x = x[: max(cap - self._images, 0)]
+        if x.shape[0] == 0:
+            return
+        x = x.float()
+        rec = reconstruct(pl_module.model, x)
+        self._images += x.shape[0]
+        if self._fid is not None:
+            self._fid.update(x if self._fid.needs_originals else None, rec)
+        if self._lpips is not None:
+            self._lpips_sum += float(_lpips_per_image(self._lpips, rec, x).double().sum())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        from ..evaluation.fid import save_cached_stats
+        from ..quantize import distributed as D
+
+        if not self._active:
+            return
+        self._active = False
+        t = torch.tensor([self._images, self._lpips_sum], dtype=torch.float64)
+        n, lpips_sum = (float(v) for v in D.all_reduce_sum_(t))
+        if n < 2:
+            log.warning("EvaluationCallback: %d validation images, skipping", int(n))
+            return
+        if self._fid is not None:
+            first = self._reference is None
+            value = self._fid.compute()
+            self._reference = self._fid.reference_stats()
+            if first:
+                save_cached_stats(self._cache_key, self._reference, self.fid_cache_dir)
+            pl_module.log("val/rfid", value, sync_dist=True)
+            self._fid = None
+        if "lpips" in self.metrics:
+            pl_module.log("val/lpips", lpips_sum / n, sync_dist=True)
