@@ -42,14 +42,18 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     ),
     "vqgan": (
         "vqgan_quickstart.yaml",
-        ["--model.adversarial.init_args.disc_start=0"],
-        "VQGANModule, adversarial phase (fixed lambda_gan, as the config)",
+        [
+            "--model.adversarial.init_args.disc_start=0",
+            "--model.adversarial.init_args.adaptive_weight=false",
+        ],
+        "VQGANModule, adversarial phase (fixed lambda_gan)",
     ),
     "vqgan-d64": (
         "vqgan_quickstart.yaml",
         [
             "--model.adversarial.init_args.disc_start=0",
             "--model.adversarial.init_args.discriminator.init_args.base_channels=64",
+            "--model.adversarial.init_args.adaptive_weight=false",
         ],
         "adversarial phase with taming's discriminator width (64 base channels)",
     ),
@@ -59,7 +63,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
             "--model.adversarial.init_args.disc_start=0",
             "--model.adversarial.init_args.adaptive_weight=true",
         ],
-        "+ taming's adaptive weight (two autograd.grad at the decoder's last layer)",
+        "+ taming's adaptive weight (two autograd.grad at the last layer; as the config)",
     ),
     "vqgan+lecam+r1": (
         "vqgan_quickstart.yaml",
@@ -68,6 +72,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
             "--model.adversarial.init_args.lecam_weight=0.001",
             "--model.adversarial.init_args.r1_weight=1.0",
             "--model.adversarial.init_args.r1_every=4",
+            "--model.adversarial.init_args.adaptive_weight=false",
         ],
         "+ LeCAM and lazy R1 every 4 discriminator steps",
     ),
