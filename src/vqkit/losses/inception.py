@@ -135,8 +135,10 @@ class InceptionFeatureLoss(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             s = self.input_size
             x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False)
-        # [-1, 1] -> 0..255 -> (v - 128) / 128, the network's input scale.
-        return (x + 1.0) * (127.5 / 128.0) - 1.0
+        # [-1, 1] -> 0..255 -> (v - 128) / 128, the network's input scale; channels-last
+        # convolutions run ~15% faster on CPU.
+        x = (x + 1.0) * (127.5 / 128.0) - 1.0
+        return x.contiguous(memory_format=torch.channels_last)
 
     def features(self, x: Tensor) -> list[Tensor]:
         h = self._input(x.float())
