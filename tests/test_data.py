@@ -482,3 +482,19 @@ def test_workers_do_not_share_an_augmentation_stream(tmp_path):
     )
     b0, b1, b2, b3 = list(loader)  # batches 0, 2 from worker 0; 1, 3 from worker 1
     assert not torch.equal(b0, b1) and not torch.equal(b2, b3)
+
+
+def test_dataset_indexing_ends_at_its_length(tmp_path):
+    from PIL import Image as _Image
+
+    from vqkit.data import ImageFolderDataset
+
+    for i in range(3):
+        _Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    for cache in (False, True):
+        ds = ImageFolderDataset(tmp_path, 8, cache=cache)
+        items = list(ds)  # the sequence protocol stops at IndexError
+        assert len(items) == 3
+        assert torch.equal(ds[-1], items[-1])
+        with pytest.raises(IndexError, match="index 3 out of range for 3 images"):
+            ds[3]

@@ -301,6 +301,11 @@ class ImageFolderDataset(Dataset[Tensor]):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Tensor:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if not -len(self.paths) <= index < len(self.paths):
+            # Also ends iteration by the sequence protocol (`list(dataset)`), which a wrapped
+            # index would turn into an endless loop.
+            raise IndexError(f"index {index} out of range for {len(self.paths)} images")
+        index %= len(self.paths)
         if self._cache is not None:
             x = self._cache[index].float() / 127.5 - 1.0
             return self.augment_tensor(x, seed) if self.augment else x
