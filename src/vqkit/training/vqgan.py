@@ -119,6 +119,19 @@ class VQGANModule(VQTokenizerModule):
             self.perceptual.eval()  # a frozen loss network (dropout, batch norm) stays in eval
         return self
 
+    def setup(self, stage: str) -> None:
+        # Each step runs two backward passes (generator, then discriminator) inside one DDP
+        # forward; DDP must re-prepare its reducer per backward, which it only does when it
+        # looks for unused parameters. Say so before the first step instead of DDP's error.
+        strategy = getattr(self._trainer, "strategy", None)
+        kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if stage == "fit" and kwargs is not None and not kwargs.get("find_unused_parameters"):
+            raise ValueError(
+                "VQGANModule under DDP needs find_unused_parameters=True: use "
+                "--trainer.strategy=ddp_find_unused_parameters_true or "
+                "DDPStrategy(find_unused_parameters=True)"
+            )
+
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: ANN001
         hp = self.hparams
