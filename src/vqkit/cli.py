@@ -36,12 +36,8 @@ def _data_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _analyze_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vqkit analyze",
-        description="Measure how a trained tokenizer uses its codebook on a set of images: "
-        "whole-set, per-batch and EMA-count figures side by side, in summary.json.",
-    )
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint, data and device options `analyze` and `evaluate` share."""
     p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
     p.add_argument(
         "--data",
@@ -49,9 +45,21 @@ def _analyze_parser() -> argparse.ArgumentParser:
         help="folder of images (searched recursively); default: the validation split the "
         "checkpoint was trained with (the bundled set's for the quickstart)",
     )
-    p.add_argument("--output-dir", required=True, help="where summary.json (and more) go")
     p.add_argument("--image-size", type=int, default=None, help="default: the training size")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vqkit analyze",
+        description="Measure how a trained tokenizer uses its codebook on a set of images: "
+        "whole-set, per-batch and EMA-count figures side by side, in summary.json.",
+    )
+    _add_input_args(p)
+    p.add_argument("--output-dir", required=True, help="where summary.json (and more) go")
     p.add_argument("--plot", action="store_true", help="write the PNG plots")
     p.add_argument(
         "--save-details",
@@ -59,12 +67,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
         help="write codes.csv and indices.npy (N, h, w) int32 with indices.txt naming each row",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="tau of softmax(-d / tau)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
     p.add_argument(
         "--codebook-size", type=int, default=None, help="fail unless the checkpoint has this K"
     )
-    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     return p
 
 
@@ -257,13 +262,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
         description="Reconstruction metrics of a trained tokenizer (PSNR, SSIM, LPIPS, rFID, "
         "codebook usage) in metrics.json and metrics.md.",
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="folder of images (searched recursively); default: the validation split the "
-        "checkpoint was trained with (the bundled set's for the quickstart)",
-    )
+    _add_input_args(p)
     p.add_argument(
         "--metrics",
         default=None,
@@ -271,11 +270,6 @@ def _evaluate_parser() -> argparse.ArgumentParser:
         "those that cannot run here (LPIPS without its weights)",
     )
     p.add_argument("--output-dir", required=True, help="where metrics.json and metrics.md go")
-    p.add_argument("--image-size", type=int, default=None, help="default: the training size")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images")
-    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     p.add_argument(
         "--fid-cache-dir",
         default=None,
