@@ -52,6 +52,30 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
 
 
+def _load_inputs(args: argparse.Namespace):  # noqa: ANN202
+    """Check the shared options, then (device, model, datamodule hparams, image size) of the
+    checkpoint, read once."""
+    from .training.checkpoint import load_model, read_checkpoint
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = _analysis_device(args.device)
+    ckpt = read_checkpoint(args.ckpt)
+    model = load_model(args.ckpt, checkpoint=ckpt)
+    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
+    size = args.image_size or dm_hparams.get("image_size")
+    size = size or (model_args.get("init_args") or {}).get("resolution")
+    if size is None:
+        raise ValueError(f"{args.ckpt} does not record its image size; pass --image-size")
+    model.token_grid(int(size))  # a size the model cannot tokenize fails here, named
+    return device, model, dm_hparams, int(size)
+
+
 def _analyze_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vqkit analyze",
@@ -188,31 +212,16 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from .evaluation.analyze import analyze
-    from .training.checkpoint import CheckpointError, load_model, read_checkpoint
+    from .training.checkpoint import CheckpointError
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_images is not None and args.max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    device = _analysis_device(args.device)
-    ckpt = read_checkpoint(args.ckpt)
-    model = load_model(args.ckpt)
+    device, model, dm_hparams, size = _load_inputs(args)
     k = model.quantizer.codebook_size
     if args.codebook_size is not None and args.codebook_size != k:
         raise CheckpointError(
             f"{args.ckpt}: checkpoint has codebook_size {k}, expected {args.codebook_size}"
         )
-    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
-    size = args.image_size or dm_hparams.get("image_size")
-    size = size or (model_args.get("init_args") or {}).get("resolution")
-    if size is None:
-        raise ValueError(f"{args.ckpt} does not record its image size; pass --image-size")
-    model.token_grid(int(size))  # a size the model cannot tokenize fails here, named
     dataset, names, where = _analysis_data(args, dm_hparams, int(size))
     if args.max_images is not None and args.max_images < len(dataset):
         dataset, names = Subset(dataset, range(args.max_images)), names[: args.max_images]
@@ -294,26 +303,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         markdown_table,
     )
     from .evaluation.fid import InceptionFeatures, InceptionNotFoundError
-    from .training.checkpoint import load_model, read_checkpoint
 
     explicit = args.metrics is not None
     metrics = list(check_metrics(args.metrics.split(",") if explicit else args.default_metrics))
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_images is not None and args.max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
-    if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    device = _analysis_device(args.device)
-    ckpt = read_checkpoint(args.ckpt)
-    model = load_model(args.ckpt)
-    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
-    size = args.image_size or dm_hparams.get("image_size")
-    size = size or (model_args.get("init_args") or {}).get("resolution")
-    if size is None:
-        raise ValueError(f"{args.ckpt} does not record its image size; pass --image-size")
-    model.token_grid(int(size))  # a size the model cannot tokenize fails here, named
+    device, model, dm_hparams, size = _load_inputs(args)
     # Networks that may be missing here: asked for by name, their absence is an error; in the
     # default list, a note.
     notes, lpips, extractor = [], None, None

@@ -42,9 +42,11 @@ def load_tokenizer(
     model: VQModel | None = None,
     map_location: str | torch.device = "cpu",
     strict: bool = True,
+    checkpoint: dict | None = None,
 ) -> nn.Module:
     """The training module (``VQTokenizerModule`` or a subclass) of a checkpoint, in eval mode.
 
+    ``checkpoint``: the already-read checkpoint dict of ``path`` (saves reading it twice).
     ``model``: the ``VQModel`` to load the weights into, for checkpoints written outside
     ``vqkit fit``; when given it must have the checkpoint's shapes (codebook size included).
     """
@@ -52,7 +54,7 @@ def load_tokenizer(
 
     from .module import VQTokenizerModule
 
-    ckpt = read_checkpoint(path, map_location)
+    ckpt = checkpoint if checkpoint is not None else read_checkpoint(path, map_location)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     if model is None and "model" not in hparams:
         raise CheckpointError(
