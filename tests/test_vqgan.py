@@ -458,3 +458,42 @@ def test_resume_in_the_adversarial_phase_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(
             load_model(ckpt)(x).reconstructions, module.model(x).reconstructions
         )
+
+
+@pytest.mark.slow
+def test_inception_feature_loss_as_the_perceptual_term_from_a_yaml_config(tmp_path):
+    """The documented route for a perceptual term without VGG weights: ``perceptual:`` names
+    ``vqkit.losses.InceptionFeatureLoss`` in the config; it trains, and stays out of checkpoints."""
+    import yaml
+
+    from tests.test_training import make_folder, tiny_args
+    from vqkit.cli import build_cli
+    from vqkit.losses import InceptionFeatureLoss
+
+    cfg = yaml.safe_load(VQGAN_QUICKSTART.read_text())
+    init = cfg["model"]["init_args"]
+    init["perceptual"] = {
+        "class_path": "vqkit.losses.InceptionFeatureLoss",
+        "init_args": {"input_size": 80, "layers": ["conv_2", "mixed"]},
+    }
+    init["perceptual_weight"] = 0.5
+    init["adversarial"]["init_args"].update(disc_start=1, ramp_steps=1)
+    config = tmp_path / "vqgan_inception.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    folder = make_folder(tmp_path / "images")
+    args = [*tiny_args(folder, tmp_path / "run"), "--trainer.max_steps=3"]
+    args += ["--trainer.val_check_interval=3", "--model.warmup_steps=1"]
+    cli = build_cli(["--config", str(config), *args], run=False)
+    module = cli.model
+    assert isinstance(module.perceptual, InceptionFeatureLoss)
+    assert module.perceptual.input_size == 80 and module.perceptual.layers == ("conv_2", "mixed")
+    decoder_before = module.last_layer().detach().clone()
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3
+    logged = cli.trainer.callback_metrics
+    # the term is in the generator loss (weighted), next to the adversarial one
+    assert float(logged["train/perceptual"]) > 0
+    assert "train/gan" in logged and "train/d_loss" in logged
+    assert not torch.equal(module.last_layer().detach(), decoder_before)
+    ckpt = torch.load(next((tmp_path / "run").rglob("last.ckpt")), weights_only=False)
+    assert not any(k.startswith("perceptual") for k in ckpt["state_dict"])
