@@ -172,3 +172,27 @@ def test_quick_study_writes_json_markdown_and_pngs(tmp_path: Path) -> None:
     assert [r["train_seconds"] for r in again["runs"]] == [
         r["train_seconds"] for r in result["runs"]
     ]
+
+
+def test_uniform_ceiling_and_its_finding() -> None:
+    # 1 - (1 - 1/K)^N against a simulation of N uniform draws from K codes
+    torch.manual_seed(0)
+    k, n = 8192, 21696
+    hits = [torch.randint(k, (n,)).unique().numel() / k for _ in range(20)]
+    assert abs(U.uniform_ceiling(k, n) - sum(hits) / len(hits)) < 0.002
+    assert abs(U.uniform_ceiling(k, n) - (1 - math.exp(-n / k))) < 1e-4
+    assert U.uniform_ceiling(1024, n) > 0.999999
+    row = {
+        "utilization": 0.6,
+        "normalized_entropy": 0.9,
+        "psnr": 20.0,
+        "ssim": 0.8,
+        "used_codes": 0.6 * k,
+        "train_seconds": 10.0,
+        "per_seed": {"utilization": [0.6]},
+    }
+    paras = U.findings(str(k), {"default": row}, tokens=n)
+    assert paras[0].startswith("**Ceiling.**") and "92.9%" in paras[0] and "0.65 of" in paras[0]
+    assert "set for K=1024" in next(p for p in paras if "issue 6's targets" in p)
+    # at K=1024 the split is large enough: no ceiling paragraph
+    assert not any(p.startswith("**Ceiling.**") for p in U.findings("1024", {"default": row}, n))
