@@ -290,3 +290,11 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     assert load_tokenizer(tmp_path / "python.ckpt", model=model(16)).hparams.lr == 1e-3
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_tokenizer(tmp_path / "python.ckpt", model=model(32))
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit --config", "data fetch", "analyze --ckpt", "evaluate --ckpt", "sample"):
+        assert command in out
+    assert main([]) == 2  # no command: the same list, as a usage error

