@@ -218,23 +218,9 @@ def test_pca_of_the_codebook_finds_its_main_axes():
 def fitted(tmp_path_factory):
     """A checkpoint of a 3-step `vqkit fit` of the shrunk quickstart, and its image folder."""
     # imported here: the distributed test's processes import this module and need no Lightning
-    from tests.test_training import QUICKSTART, make_folder, quick_overrides, tiny_args
+    from tests.test_training import fit_tiny_checkpoint
 
-    root = tmp_path_factory.mktemp("analyze_fit")
-    folder = make_folder(root / "images", n=16)
-    out = root / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(QUICKSTART),
-            *tiny_args(folder, out),
-            *quick_overrides(),
-            "--trainer.max_steps=3",
-            "--model.warmup_steps=1",
-        ]
-    )
-    return next(out.rglob("last.ckpt")), folder
+    return fit_tiny_checkpoint(tmp_path_factory.mktemp("analyze_fit"))
 
 
 def test_cli_end_to_end_on_a_fit_checkpoint(fitted, tmp_path, capsys):

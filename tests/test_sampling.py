@@ -110,24 +110,10 @@ def test_decode_codes_equals_the_model_in_batches_and_checks_the_range():
 def fitted(tmp_path_factory):
     """A checkpoint of a 3-step `vqkit fit` of the shrunk quickstart (validation included, so
     it carries validation code counts), and its image folder."""
-    from tests.test_training import QUICKSTART, make_folder, quick_overrides, tiny_args
+    from tests.test_training import fit_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sample_fit")
-    folder = make_folder(root / "images", n=16)
-    out = root / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(QUICKSTART),
-            *tiny_args(folder, out),
-            *quick_overrides(),
-            "--trainer.max_steps=3",
-            "--trainer.val_check_interval=3",
-            "--model.warmup_steps=1",
-        ]
-    )
-    return next(out.rglob("last.ckpt")), folder
+    return fit_tiny_checkpoint(root, "--trainer.val_check_interval=3")
 
 
 def test_cli_samples_and_edits(fitted, tmp_path, capsys):

@@ -123,6 +123,26 @@ def test_missing_data_folder_errors_before_training(tmp_path):
     assert "nope" in str(e.value) or e.type is SystemExit
 
 
+def fit_tiny_checkpoint(root: Path, *extra: str, steps: int = 3) -> tuple[Path, Path]:
+    """``last.ckpt`` of a ``steps``-step `vqkit fit` of the shrunk quickstart on a 16-image
+    folder made under ``root``, and that folder."""
+    folder = make_folder(root / "images", n=16)
+    out = root / "run"
+    main(
+        [
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            *tiny_args(folder, out),
+            *quick_overrides(),
+            f"--trainer.max_steps={steps}",
+            "--model.warmup_steps=1",
+            *extra,
+        ]
+    )
+    return next(out.rglob("last.ckpt")), folder
+
+
 class StopAt(L.Callback):
     """Stops training after ``step`` optimizer steps, as an interruption would."""
 
