@@ -318,3 +318,74 @@ def test_top_level_help_lists_every_command(capsys):
     for command in ("fit --config", "data fetch", "analyze --ckpt", "evaluate --ckpt", "sample"):
         assert command in out
     assert main([]) == 2  # no command: the same list, as a usage error
+
+
+def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, capsys):
+    """Lightning's own "last" only searches the new run's version_N folder and starts over;
+    vqkit's finds the earlier run's last.ckpt, so `--ckpt_path last` resumes as the README says."""
+    folder = make_folder(tmp_path / "images", n=16)
+
+    def fit(out: Path, steps: int, *extra: str) -> dict:
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                *tiny_args(folder, out),
+                *quick_overrides(),
+                f"--trainer.max_steps={steps}",
+                "--model.warmup_steps=1",
+                *extra,
+            ]
+        )
+        newest = max(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        return torch.load(newest, weights_only=False)
+
+    # nothing to resume yet: a clear line, then an ordinary run from scratch
+    fit(tmp_path / "run", 3, "--ckpt_path=last")
+    assert "no last*.ckpt from an earlier run" in capsys.readouterr().err
+    first = next((tmp_path / "run").rglob("version_0/checkpoints/last.ckpt"))
+    resumed = fit(tmp_path / "run", 6, "--ckpt_path=last")
+    assert f"resuming from {first}" in capsys.readouterr().err
+    assert len(list((tmp_path / "run").rglob("last.ckpt"))) == 2  # version_0 and version_1
+    explicit = fit(tmp_path / "explicit", 6, f"--ckpt_path={first}")
+    assert resumed["global_step"] == explicit["global_step"] == 6
+    for k, v in explicit["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    # and a fresh 6-step run is a different model: the resume really continued
+    scratch = fit(tmp_path / "scratch", 6)
+    assert any(
+        not torch.equal(scratch["state_dict"][k], v) for k, v in resumed["state_dict"].items()
+    )
+
+
+def test_find_last_checkpoint_searches_every_layout_and_takes_the_newest(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from vqkit.training.checkpoint import find_last_checkpoint
+
+    def touch(path: Path, mtime: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, ns=(mtime, mtime))
+        return path
+
+    logger = SimpleNamespace(root_dir=str(tmp_path / "logs" / "tensorboard"))
+    trainer = SimpleNamespace(
+        checkpoint_callbacks=[SimpleNamespace(dirpath=str(tmp_path / "explicit"))],
+        logger=logger,
+        default_root_dir=str(tmp_path / "root"),
+    )
+    assert find_last_checkpoint(trainer) is None
+    v0 = touch(tmp_path / "logs/tensorboard/version_0/checkpoints/last.ckpt", 10**18)
+    assert find_last_checkpoint(trainer) == v0
+    v3 = touch(tmp_path / "logs/tensorboard/version_3/checkpoints/last-v1.ckpt", 2 * 10**18)
+    touch(tmp_path / "logs/tensorboard/version_3/checkpoints/periodic-step=9.ckpt", 9 * 10**18)
+    assert find_last_checkpoint(trainer) == v3  # newest last*, other names ignored
+    explicit = touch(tmp_path / "explicit/last.ckpt", 3 * 10**18)
+    assert find_last_checkpoint(trainer) == explicit
+    no_logger = touch(tmp_path / "root/checkpoints/last.ckpt", 4 * 10**18)
+    assert find_last_checkpoint(trainer) == no_logger
+    trainer.logger, trainer.checkpoint_callbacks = None, []
+    assert find_last_checkpoint(trainer) == no_logger

@@ -505,6 +505,14 @@ def _sample_main(argv: Sequence[str]) -> int:
         return 1
 
 
+def _say(message: str) -> None:
+    """One line on stderr from the first process only (every DDP process runs the CLI)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(message, file=sys.stderr)
+
+
 def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
     """The LightningCLI over ``VQTokenizerModule`` (or a subclass) and ``ImageDataModule``
     (tests use ``run=False`` to parse and instantiate a config without training).
@@ -516,11 +524,29 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
 
     from .data.datamodule import ImageDataModule
     from .training import TrainingSummary, VQTokenizerModule
+    from .training.checkpoint import find_last_checkpoint
 
     class VQKitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
             # Always on: every fit ends with the summary table and files.
             parser.add_lightning_class_args(TrainingSummary, "summary")
+
+        def before_fit(self) -> None:
+            # `--ckpt_path last` resumes the newest last.ckpt of earlier runs (Lightning's own
+            # "last" only searches this run's new version_N folder and silently starts over).
+            cfg = self.config_init[self.subcommand]
+            if cfg.get("ckpt_path") != "last":
+                return
+            found = find_last_checkpoint(self.trainer)
+            if found is None:
+                _say(
+                    "vqkit fit: --ckpt_path last: no last*.ckpt from an earlier run under "
+                    f"{self.trainer.default_root_dir}; starting from scratch"
+                )
+                cfg["ckpt_path"] = None
+            else:
+                _say(f"vqkit fit: resuming from {found}")
+                cfg["ckpt_path"] = str(found)
 
     return VQKitCLI(
         VQTokenizerModule,

@@ -96,3 +96,26 @@ def load_tokenizer(
 def load_model(path: str | Path, **kwargs) -> VQModel:  # noqa: ANN003
     """The ``VQModel`` (encoder, quantizer, decoder) of a checkpoint, in eval mode."""
     return load_tokenizer(path, **kwargs).model.eval()
+
+
+def find_last_checkpoint(trainer) -> Path | None:  # noqa: ANN001
+    """The newest ``last*.ckpt`` an earlier run with this trainer's settings wrote, or None.
+
+    Lightning's own ``ckpt_path="last"`` only looks in this run's checkpoint folder. With a
+    logger that folder is ``<save_dir>/<name>/version_<N>/checkpoints`` and every run gets a
+    new N, so it finds nothing there and starts from scratch. This looks in
+    every ``ModelCheckpoint``'s explicit ``dirpath``, in ``version_*/checkpoints`` under the
+    logger's root folder, and in ``<default_root_dir>/checkpoints`` (the layout without a
+    logger), and takes the most recently written file.
+    """
+    folders: list[Path] = []
+    for cb in getattr(trainer, "checkpoint_callbacks", []):
+        if getattr(cb, "dirpath", None):
+            folders.append(Path(cb.dirpath))
+    logger = getattr(trainer, "logger", None)
+    root = getattr(logger, "root_dir", None) if logger is not None else None
+    if root:
+        folders += sorted(Path(root).glob("version_*/checkpoints"))
+    folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    found = [p for f in folders if f.is_dir() for p in f.glob("last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
