@@ -346,12 +346,21 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, capsys):
     assert "no last*.ckpt from an earlier run" in capsys.readouterr().err
     first = next((tmp_path / "run").rglob("version_0/checkpoints/last.ckpt"))
     resumed = fit(tmp_path / "run", 6, "--ckpt_path=last")
-    assert f"resuming from {first}" in capsys.readouterr().err
+    assert f"vqkit fit: resuming {first}" in capsys.readouterr().err
     assert len(list((tmp_path / "run").rglob("last.ckpt"))) == 2  # version_0 and version_1
     explicit = fit(tmp_path / "explicit", 6, f"--ckpt_path={first}")
     assert resumed["global_step"] == explicit["global_step"] == 6
     for k, v in explicit["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    # validate takes the same "last" (the resumed run's, now the newest), or fails naming it
+    base = ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path / "run"), *quick_overrides()]
+    main(["validate", *base, "--ckpt_path=last"])
+    second = next((tmp_path / "run").rglob("version_1/checkpoints/last.ckpt"))
+    assert f"vqkit validate: using {second}" in capsys.readouterr().err
+    empty = ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path / "none"), *quick_overrides()]
+    with pytest.raises(SystemExit):
+        main(["validate", *empty, "--ckpt_path=last"])
+    assert "--ckpt_path last: no last*.ckpt from a run under" in capsys.readouterr().err
     # and a fresh 6-step run is a different model: the resume really continued
     scratch = fit(tmp_path / "scratch", 6)
     assert any(

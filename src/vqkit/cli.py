@@ -531,22 +531,30 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
             # Always on: every fit ends with the summary table and files.
             parser.add_lightning_class_args(TrainingSummary, "summary")
 
-        def before_fit(self) -> None:
-            # `--ckpt_path last` resumes the newest last.ckpt of earlier runs (Lightning's own
+        def _resolve_last(self) -> None:
+            # `--ckpt_path last` means the newest last.ckpt of earlier runs (Lightning's own
             # "last" only searches this run's new version_N folder and silently starts over).
             cfg = self.config_init[self.subcommand]
             if cfg.get("ckpt_path") != "last":
                 return
             found = find_last_checkpoint(self.trainer)
+            what = "resuming" if self.subcommand == "fit" else "using"
             if found is None:
+                if self.subcommand != "fit":
+                    self.parser.error(
+                        f"--ckpt_path last: no last*.ckpt from a run under "
+                        f"{self.trainer.default_root_dir}; pass a checkpoint path"
+                    )
                 _say(
                     "vqkit fit: --ckpt_path last: no last*.ckpt from an earlier run under "
                     f"{self.trainer.default_root_dir}; starting from scratch"
                 )
                 cfg["ckpt_path"] = None
             else:
-                _say(f"vqkit fit: resuming from {found}")
+                _say(f"vqkit {self.subcommand}: {what} {found}")
                 cfg["ckpt_path"] = str(found)
+
+        before_fit = before_validate = before_test = before_predict = _resolve_last
 
     return VQKitCLI(
         VQTokenizerModule,
