@@ -34,3 +34,27 @@ class Probe(L.Callback):
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+
+class PriorProbe(L.Callback):
+    """The same for `vqkit prior fit`: the code grids each rank trained on and its weights."""
+
+    def __init__(self) -> None:
+        self.out = Path(os.environ["VQKIT_PROBE_DIR"])
+        self.batches: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.batches.append(batch[0].detach().long().flatten(1).cpu())
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        torch.save(
+            {
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "batches": self.batches,
+                "val_nll": float(trainer.callback_metrics["val/nll"]),
+                "state": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+                "global_step": trainer.global_step,
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )

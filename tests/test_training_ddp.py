@@ -145,3 +145,58 @@ def test_ddp_vqgan_keeps_processes_identical(folder, tmp_path):
             continue
         assert torch.equal(a["state"][k], b["state"][k]), k
     assert any(k.startswith("adversarial.discriminator") for k in a["state"])
+
+
+def test_ddp_prior_fit_shards_grids_and_keeps_processes_identical(tmp_path):
+    from tests.test_training import fit_tiny_checkpoint
+
+    tokenizer, _ = fit_tiny_checkpoint(tmp_path / "tok")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "VQKIT_PROBE_DIR": str(probe),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    out = tmp_path / "prior"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vqkit.cli",
+        "prior",
+        "fit",
+        "--config",
+        str(TESTS.parent / "configs" / "prior" / "quickstart.yaml"),
+        f"--model.tokenizer={tokenizer}",
+        "--model.n_layer=1",
+        "--model.n_head=2",
+        "--model.n_embd=16",
+        "--model.warmup_steps=1",
+        "--model.num_log_samples=2",
+        "--data.batch_size=4",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.callbacks+=tests.ddp_probe.PriorProbe",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    a, b = _load(probe)
+    assert (a["world_size"], b["world_size"]) == (2, 2)
+    assert a["global_step"] == b["global_step"] == 3
+    # 24 training grids (12 images and their mirror images): each process takes its own half
+    seen_a, seen_b = torch.cat(a["batches"]), torch.cat(b["batches"])
+    assert seen_a.shape == seen_b.shape == (12, 64)
+    assert not torch.equal(seen_a, seen_b)
+    for k, v in a["state"].items():
+        torch.testing.assert_close(v, b["state"][k], rtol=0, atol=0, msg=k)
+    assert a["val_nll"] == b["val_nll"]  # synced over the two processes' validation shards
+    assert len(list(out.rglob("last.ckpt"))) == 1

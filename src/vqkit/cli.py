@@ -415,6 +415,15 @@ def _sample_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument(
+        "--prior",
+        default=None,
+        help="checkpoint of `vqkit prior fit` for this tokenizer: samples come from it, and "
+        "edits gain a row where it completes the bottom half of each image's codes",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="prior sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="prior: keep the k likeliest codes")
+    p.add_argument("--top-p", type=float, default=None, help="prior: nucleus sampling mass")
     return p
 
 
@@ -433,7 +442,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         perturb_codes,
         sample_codes,
     )
-    from .evaluation.visual import image_grid, save_png
+    from .evaluation.visual import image_grid, image_rows, save_png
 
     if args.num < 0:
         raise ValueError(f"--num must be >= 0, got {args.num}")
@@ -445,17 +454,23 @@ def _run_sample(args: argparse.Namespace) -> int:
     model.to(device).eval()
     grid = model.token_grid(size)
     probs = code_distribution(model, args.source)
+    prior = _load_sampling_prior(args, model, grid, device)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def from_prior(num: int, prefix=None):  # noqa: ANN001, ANN202
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        kw = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        return prior.generate(num, prefix=prefix, generator=g, **kw).cpu()
+
     if args.num:
-        codes = sample_codes(probs, args.num, grid, seed=args.seed)
+        if prior is not None:
+            codes = from_prior(args.num)
+        else:
+            codes = sample_codes(probs, args.num, grid, seed=args.seed)
         images = decode_codes(model, codes)
-        rows = [images[i : i + 8] for i in range(0, args.num, 8)]
-        if rows[-1].shape[0] < rows[0].shape[0]:  # pad the last row with white
-            pad = rows[0].shape[0] - rows[-1].shape[0]
-            rows[-1] = torch.cat([rows[-1], images.new_ones(pad, *images.shape[1:])])
-        written.append(save_png(image_grid(rows), out / "samples.png"))
+        written.append(save_png(image_grid(image_rows(images)), out / "samples.png"))
         np.save(out / "samples_codes.npy", codes.numpy().astype(np.int32))
         written.append(out / "samples_codes.npy")
     if args.images:
@@ -465,33 +480,52 @@ def _run_sample(args: argparse.Namespace) -> int:
         perturbed, _ = perturb_codes(codes, args.perturb, probs, seed=args.seed)
         rows = [x, decode_codes(model, codes), decode_codes(model, perturbed)]
         arrays = {"codes": codes, "perturbed": perturbed}
+        what = ["originals", "reconstructions", f"{args.perturb:.0%} of the codes redrawn"]
         if len(args.images) > 1:
             mixed = mix_codes(codes, codes.roll(-1, dims=0), half_mask(grid, "right"))
             rows.append(decode_codes(model, mixed))
             arrays["mixed"] = mixed
+            what.append("left half own codes + right half the next image's")
+        if prior is not None:
+            top = codes.flatten(1)[:, : (grid[0] // 2) * grid[1]]
+            completed = from_prior(len(codes), prefix=top.to(device))
+            rows.append(decode_codes(model, completed))
+            arrays["completed"] = completed
+            what.append("top half own codes, bottom half completed by the prior")
         written.append(save_png(image_grid(rows), out / "edits.png"))
         np.savez(
             out / "edits_codes.npz", **{k: v.numpy().astype(np.int32) for k, v in arrays.items()}
         )
         written.append(out / "edits_codes.npz")
     h, w = grid
+    source = f"the prior {Path(args.prior).name}" if prior is not None else args.source
     print(
         f"vqkit sample: {Path(args.ckpt).name}, {size} px -> {h}x{w} codes of "
-        f"{model.quantizer.codebook_size}, codes drawn from {args.source}"
+        f"{model.quantizer.codebook_size}, codes drawn from {source}"
     )
     if args.images:
-        print(
-            "edits.png rows: originals, reconstructions, "
-            f"{args.perturb:.0%} of the codes redrawn"
-            + (
-                ", left half own codes + right half the next image's"
-                if len(args.images) > 1
-                else ""
-            )
-        )
+        print("edits.png rows: " + ", ".join(what))
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _load_sampling_prior(args: argparse.Namespace, model, grid, device):  # noqa: ANN001, ANN202
+    """The ``CodeTransformer`` of ``--prior`` on ``device``, checked against the tokenizer."""
+    if args.prior is None:
+        if args.top_k is not None or args.top_p is not None or args.temperature != 1.0:
+            raise ValueError("--temperature, --top-k and --top-p need --prior")
+        return None
+    from .prior import load_prior
+
+    transformer = load_prior(args.prior).transformer.to(device)
+    k = model.quantizer.codebook_size
+    if transformer.codebook_size != k or transformer.grid != tuple(grid):
+        raise ValueError(
+            f"--prior {args.prior} models {transformer.grid} grids of {transformer.codebook_size}"
+            f" codes; the tokenizer gives {tuple(grid)} grids of {k} codes"
+        )
+    return transformer
 
 
 def _sample_main(argv: Sequence[str]) -> int:
@@ -513,6 +547,32 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _resolve_last(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
+    """``--ckpt_path last`` means the newest last*.ckpt of earlier runs (Lightning's own "last"
+    only searches this run's new version_N folder and silently starts over)."""
+    from .training.checkpoint import find_last_checkpoint
+
+    cfg = cli.config_init[cli.subcommand]
+    if cfg.get("ckpt_path") != "last":
+        return
+    found = find_last_checkpoint(cli.trainer)
+    root = cli.trainer.default_root_dir
+    if found is None:
+        if cli.subcommand != "fit":
+            cli.parser.error(
+                f"--ckpt_path last: no last*.ckpt from a run under {root}; pass a checkpoint path"
+            )
+        _say(
+            f"{prog} fit: --ckpt_path last: no last*.ckpt from an earlier run under {root}; "
+            "starting from scratch"
+        )
+        cfg["ckpt_path"] = None
+    else:
+        what = "resuming" if cli.subcommand == "fit" else "using"
+        _say(f"{prog} {cli.subcommand}: {what} {found}")
+        cfg["ckpt_path"] = str(found)
+
+
 def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
     """The LightningCLI over ``VQTokenizerModule`` (or a subclass) and ``ImageDataModule``
     (tests use ``run=False`` to parse and instantiate a config without training).
@@ -524,7 +584,6 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
 
     from .data.datamodule import ImageDataModule
     from .training import TrainingSummary, VQTokenizerModule
-    from .training.checkpoint import find_last_checkpoint
 
     class VQKitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
@@ -532,27 +591,7 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
             parser.add_lightning_class_args(TrainingSummary, "summary")
 
         def _resolve_last(self) -> None:
-            # `--ckpt_path last` means the newest last.ckpt of earlier runs (Lightning's own
-            # "last" only searches this run's new version_N folder and silently starts over).
-            cfg = self.config_init[self.subcommand]
-            if cfg.get("ckpt_path") != "last":
-                return
-            found = find_last_checkpoint(self.trainer)
-            what = "resuming" if self.subcommand == "fit" else "using"
-            if found is None:
-                if self.subcommand != "fit":
-                    self.parser.error(
-                        f"--ckpt_path last: no last*.ckpt from a run under "
-                        f"{self.trainer.default_root_dir}; pass a checkpoint path"
-                    )
-                _say(
-                    "vqkit fit: --ckpt_path last: no last*.ckpt from an earlier run under "
-                    f"{self.trainer.default_root_dir}; starting from scratch"
-                )
-                cfg["ckpt_path"] = None
-            else:
-                _say(f"vqkit {self.subcommand}: {what} {found}")
-                cfg["ckpt_path"] = str(found)
+            _resolve_last(self)
 
         before_fit = before_validate = before_test = before_predict = _resolve_last
 
@@ -570,6 +609,39 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
     )
 
 
+def build_prior_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
+    """``vqkit prior``: the LightningCLI over ``PriorModule`` and ``TokenDataModule``; the
+    tokenizer named by ``--model.tokenizer`` is also the data module's."""
+    import warnings
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from .prior import PriorModule, TokenDataModule
+
+    class PriorCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+            parser.link_arguments("model.tokenizer", "data.tokenizer")
+
+        def _resolve_last(self) -> None:
+            _resolve_last(self, "vqkit prior")
+
+        before_fit = before_validate = before_test = before_predict = _resolve_last
+
+    with warnings.catch_warnings():
+        # `vqkit prior ...` hands LightningCLI the arguments after "prior" while sys.argv holds
+        # them all (a DDP launcher re-runs sys.argv, so it must stay whole).
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return PriorCLI(
+            PriorModule,
+            TokenDataModule,
+            args=list(argv),
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "vqkit prior", "default_env": False},
+            auto_configure_optimizers=False,
+        )
+
+
 COMMANDS = """usage: vqkit COMMAND ...
 
 Train and inspect discrete image tokenizers (VQ-VAE, VQ-GAN).
@@ -581,6 +653,8 @@ commands:
   analyze --ckpt CKPT   how a trained tokenizer uses its codebook (vqkit analyze --help)
   evaluate --ckpt CKPT  PSNR, SSIM, LPIPS, rFID and codebook usage (vqkit evaluate --help)
   sample --ckpt CKPT    decode drawn codes and edit images' codes (vqkit sample --help)
+  prior fit --config C  train a transformer prior over a tokenizer's codes (vqkit prior fit
+                        --help); sample from it with vqkit sample --prior
 """
 
 
@@ -598,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate_main(argv[1:])
     if argv and argv[0] == "sample":
         return _sample_main(argv[1:])
+    if argv and argv[0] == "prior":
+        build_prior_cli(argv[1:])
+        return 0
     # LightningCLI reads sys.argv itself when run as the `vqkit` command (given both, it warns).
     build_cli(None if from_command_line else argv)
     return 0

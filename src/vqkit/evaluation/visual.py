@@ -27,6 +27,19 @@ def image_grid(rows: list[Tensor], pad: int = 2) -> Tensor:
     return grid
 
 
+def image_rows(images: Tensor, per_row: int = 8) -> list[Tensor]:
+    """Split a batch (N, 3, H, W) in [-1, 1] into rows of ``per_row`` for ``image_grid``; the
+    last row is padded with white."""
+    if images.shape[0] < 1:
+        raise ValueError("image_rows needs at least one image")
+    n = min(per_row, images.shape[0])
+    rows = list(images.split(n))
+    if rows[-1].shape[0] < n:
+        pad = images.new_ones(n - rows[-1].shape[0], *images.shape[1:])
+        rows[-1] = torch.cat([rows[-1], pad])
+    return rows
+
+
 def save_png(image: Tensor, path: str | Path) -> Path:
     """Save a (3, H, W) tensor in [0, 1] as a PNG."""
     from PIL import Image

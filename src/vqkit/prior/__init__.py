@@ -1,0 +1,14 @@
+"""Autoregressive priors over a tokenizer's code grid (seed 004, phase 3)."""
+
+from .data import TokenDataModule, encode_dataset
+from .module import PriorModule, load_prior
+from .transformer import CodeTransformer, sample_logits
+
+__all__ = [
+    "CodeTransformer",
+    "PriorModule",
+    "TokenDataModule",
+    "encode_dataset",
+    "load_prior",
+    "sample_logits",
+]

@@ -1,0 +1,220 @@
+"""Token grids for training a prior: a trained tokenizer encodes its own training and validation
+images once, and the codes are cached on disk.
+
+The split is the tokenizer's own (its checkpoint records its data module's settings), so the
+prior is validated on images the tokenizer never trained on either. ``flip`` adds the codes of
+the horizontally flipped training images (tokens of a flipped image are not the flipped tokens,
+so it must be encoded); nothing else is augmented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..data.datamodule import ImageDataModule
+from ..data.images import ImageFolderDataset
+from ..models import VQModel
+from ..training.checkpoint import load_model, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_DATA_KEYS = ("root", "val_root", "val_fraction", "split_seed", "max_images", "dataset")
+
+
+def tokenizer_image_size(ckpt: dict) -> int:
+    """The image size a ``vqkit fit`` checkpoint trained at."""
+    dm = ckpt.get("datamodule_hyper_parameters") or {}
+    model_args = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("init_args") or {}
+    size = dm.get("image_size") or model_args.get("resolution")
+    if size is None:
+        raise ValueError("the tokenizer checkpoint does not record its image size")
+    return int(size)
+
+
+@torch.no_grad()
+def encode_dataset(
+    model: VQModel,
+    dataset: ImageFolderDataset,
+    *,
+    batch_size: int = 64,
+    flip: bool = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(N, h, w) int16/int32 codes of every image of ``dataset`` (in order), on the CPU; with
+    ``flip`` the codes of the mirrored images follow as N more rows."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out: list[Tensor] = []
+    mirrored: list[Tensor] = []
+    for x in loader:
+        x = x.to(device)
+        out.append(model.encode(x).cpu())
+        if flip:
+            mirrored.append(model.encode(x.flip(-1)).cpu())
+    codes = torch.cat(out + mirrored)
+    k = model.quantizer.codebook_size
+    return codes.to(torch.int16 if k <= 2**15 else torch.int32)
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Code grids of a tokenizer's train and validation images, for ``PriorModule``.
+
+    Args:
+        tokenizer: checkpoint written by ``vqkit fit`` (in the CLI, linked from
+            ``model.tokenizer``).
+        root, val_root: other images than the tokenizer's own (its data module's settings are
+            the default; the bundled set for the quickstart).
+        batch_size: grids per training batch.
+        flip: add the codes of horizontally flipped training images.
+        encode_batch_size: images per batch while encoding.
+        cache_dir: where the codes are cached (default ``~/.cache/vqkit/tokens``), keyed by the
+            checkpoint file and the image files; ``None`` values of the key reuse nothing stale.
+        num_workers: training loader workers (the grids are in memory: 0 is usually right).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        root: str | None = None,
+        val_root: str | None = None,
+        batch_size: int = 64,
+        flip: bool = True,
+        encode_batch_size: int = 64,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or encode_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {encode_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.tokenizer = tokenizer
+        self.root = root
+        self.val_root = val_root
+        self.batch_size = batch_size
+        self.flip = flip
+        self.encode_batch_size = encode_batch_size
+        self.cache_dir = cache_dir
+        self.num_workers = num_workers
+        self.train_codes: Tensor | None = None
+        self.val_codes: Tensor | None = None
+
+    # ------------------------------------------------------------------------------ images
+    def _image_data(self, ckpt: dict) -> ImageDataModule:
+        hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        kwargs = {k: hp[k] for k in _DATA_KEYS if k in hp}
+        if self.root is not None:
+            kwargs.update(root=self.root, val_root=self.val_root)
+        elif kwargs.get("root") is None:
+            kwargs.pop("root", None)
+        kwargs.setdefault("dataset", "fluent-emoji-3d")
+        if "cache_dir" in hp and hp["cache_dir"] is not None:
+            kwargs["cache_dir"] = hp["cache_dir"]
+        try:
+            dm = ImageDataModule(
+                **kwargs,
+                image_size=tokenizer_image_size(ckpt),
+                square=hp.get("square", "crop"),
+                batch_size=1,
+                num_workers=0,
+                augment=False,
+            )
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"the tokenizer's training images are not here ({e}); pass --data.root DIR"
+            ) from e
+        return dm
+
+    def prepare_data(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError("TokenDataModule needs tokenizer= (a `vqkit fit` checkpoint)")
+        ckpt = read_checkpoint(self.tokenizer)
+        self._image_data(ckpt).prepare_data()  # fetches the bundled set on one process
+
+    def _cache_file(self, ckpt_path: Path, dm: ImageDataModule) -> Path:
+        from ..data.bundled import default_cache_dir
+        from ..evaluation.fid import data_fingerprint
+
+        st = ckpt_path.stat()
+        parts = {
+            "version": CACHE_VERSION,
+            "tokenizer": [str(ckpt_path.resolve()), st.st_size, st.st_mtime_ns],
+            "flip": self.flip,
+            "train": data_fingerprint(dm.train_dataset.paths, size=dm.image_size, sq=dm.square),
+            "val": data_fingerprint(dm.val_dataset.paths, size=dm.image_size, sq=dm.square)
+            if dm.val_dataset is not None
+            else None,
+        }
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        folder = Path(self.cache_dir) if self.cache_dir else default_cache_dir() / "tokens"
+        return folder / f"{key}.pt"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_codes is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("TokenDataModule needs tokenizer= (a `vqkit fit` checkpoint)")
+        path = Path(self.tokenizer)
+        ckpt = read_checkpoint(path)
+        dm = self._image_data(ckpt)
+        dm.setup("fit")
+        cache = self._cache_file(path, dm)
+        if cache.is_file():
+            data = torch.load(cache, weights_only=True)
+            self.train_codes, self.val_codes = data["train"], data.get("val")
+            log.info("prior data: codes read from %s", cache)
+            return
+        model = load_model(path, checkpoint=ckpt)
+        device = self._device()
+        kw = {"batch_size": self.encode_batch_size, "device": device}
+        self.train_codes = encode_dataset(model, dm.train_dataset, flip=self.flip, **kw)
+        self.val_codes = (
+            encode_dataset(model, dm.val_dataset, **kw) if dm.val_dataset is not None else None
+        )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"train": self.train_codes, "val": self.val_codes}, tmp)
+        os.replace(tmp, cache)  # every DDP process may write it: whole files only
+        log.info("prior data: codes written to %s", cache)
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ----------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        if self.train_codes is None:
+            raise RuntimeError("call setup() before train_dataloader()")
+        if len(self.train_codes) < self.batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {len(self.train_codes)} "
+                "training grids"
+            )
+        return DataLoader(
+            TensorDataset(self.train_codes),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_codes is None:
+            return []
+        return DataLoader(
+            TensorDataset(self.val_codes), batch_size=self.batch_size, num_workers=self.num_workers
+        )

@@ -1,0 +1,187 @@
+"""Training a ``CodeTransformer`` prior on a frozen tokenizer's code grids (Lightning)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..models import VQModel
+from ..training.checkpoint import CheckpointError, load_model, read_checkpoint
+from ..training.schedules import warmup_cosine
+from .data import tokenizer_image_size
+from .transformer import CodeTransformer
+
+
+class PriorModule(L.LightningModule):
+    """An autoregressive prior over the code grid of a trained tokenizer (seed 004, phase 3).
+
+    Args:
+        tokenizer: the tokenizer's checkpoint (``vqkit fit``). It gives the codebook size and
+            the token grid, and decodes samples; it is frozen and not saved in this module's
+            checkpoints (they record its path: keep the file).
+        n_layer, n_head, n_embd, dropout: the ``CodeTransformer``.
+        lr, betas, weight_decay: AdamW (decay on matrices only, not on embeddings, norms or
+            biases), with ``warmup_steps`` of linear warm-up and a cosine to ``min_lr``.
+        num_log_samples: grids sampled and decoded at each validation, logged as images
+            (0: none); ``temperature`` / ``top_k`` shape those samples.
+
+    Logged: ``train/nll`` and ``val/nll`` (nats per code), ``val/bits_per_code``,
+    ``val/perplexity`` and, for reference, ``val/unigram_bits`` (the entropy of the training
+    codes' frequencies: what a prior that ignores context would reach).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        n_layer: int = 8,
+        n_head: int = 8,
+        n_embd: int = 512,
+        dropout: float = 0.1,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        warmup_steps: int = 500,
+        min_lr: float = 1e-5,
+        num_log_samples: int = 16,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        ckpt = read_checkpoint(tokenizer)
+        model = load_model(tokenizer, checkpoint=ckpt)
+        model.requires_grad_(False).eval()
+        # Frozen and rebuilt from its own file: kept out of the module tree (no state-dict keys,
+        # nothing for DDP or the optimizer); ``_apply`` still moves it with the module.
+        self._frozen: tuple[VQModel] = (model,)
+        grid = model.token_grid(tokenizer_image_size(ckpt))
+        self.transformer = CodeTransformer(
+            model.quantizer.codebook_size,
+            grid,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            dropout=dropout,
+        )
+        self._unigram_bits: float | None = None
+
+    @property
+    def tokenizer_model(self) -> VQModel:
+        return self._frozen[0]
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        self._frozen[0]._apply(fn)
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------------------ steps
+    @staticmethod
+    def _codes(batch) -> Tensor:  # noqa: ANN001
+        return (batch[0] if isinstance(batch, (list, tuple)) else batch).long()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: ANN001
+        codes = self._codes(batch)
+        loss = self.transformer.nll(codes)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"prior loss is {float(loss)} at step {self.global_step}")
+        self.log("train/nll", loss, prog_bar=True, batch_size=codes.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:  # noqa: ANN001
+        codes = self._codes(batch)
+        nll = self.transformer.nll(codes)
+        self.log("val/nll", nll, prog_bar=True, batch_size=codes.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        nll = self.trainer.callback_metrics.get("val/nll")
+        if nll is not None:
+            self.log("val/bits_per_code", float(nll) / math.log(2))
+            self.log("val/perplexity", math.exp(float(nll)))
+        unigram = self._unigram()
+        if unigram is not None:
+            self.log("val/unigram_bits", unigram)
+        self._log_samples()
+
+    def _unigram(self) -> float | None:
+        if self._unigram_bits is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            codes = getattr(dm, "train_codes", None)
+            if codes is None:
+                return None
+            k = self.transformer.codebook_size
+            p = torch.bincount(codes.flatten().long(), minlength=k).double()
+            p = p[p > 0] / p.sum()
+            self._unigram_bits = float(-(p * p.log2()).sum())
+        return self._unigram_bits
+
+    def _log_samples(self) -> None:
+        hp = self.hparams
+        exp = getattr(self.logger, "experiment", None)
+        if hp.num_log_samples <= 0 or exp is None or not hasattr(exp, "add_image"):
+            return
+        if self.global_rank != 0:
+            return
+        from ..evaluation.sampling import decode_codes
+        from ..evaluation.visual import image_grid, image_rows
+
+        g = torch.Generator(device=self.device).manual_seed(0)
+        codes = self.transformer.generate(
+            hp.num_log_samples, temperature=hp.temperature, top_k=hp.top_k, generator=g
+        )
+        images = decode_codes(self.tokenizer_model, codes)
+        exp.add_image("val/samples", image_grid(image_rows(images)), self.global_step)
+
+    # ------------------------------------------------------------------------------ optim
+    def configure_optimizers(self):  # noqa: ANN201
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.transformer.named_parameters():
+            is_matrix = p.dim() >= 2 and "emb" not in name
+            (decay if is_matrix else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        total = int(total) if total and math.isfinite(total) else max(10 * hp.warmup_steps, 1)
+
+        def factor(step: int) -> float:
+            lr = warmup_cosine(
+                step,
+                base_lr=hp.lr,
+                warmup_steps=hp.warmup_steps,
+                total_steps=total,
+                start_lr=hp.lr * 0.01,
+                min_lr=hp.min_lr,
+            )
+            return lr / hp.lr
+
+        sched = LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> PriorModule:
+    """A ``PriorModule`` from its checkpoint, in eval mode (its tokenizer is read from the path
+    the checkpoint records)."""
+    ckpt = read_checkpoint(path, map_location)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "tokenizer" not in hp or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a vqkit prior checkpoint (no tokenizer recorded)")
+    if not any(k.startswith("transformer.") for k in ckpt["state_dict"]):
+        raise CheckpointError(f"{path} is not a vqkit prior checkpoint (no transformer weights)")
+    # LightningCLI adds its own keys (``_instantiator``, ...) to the hyperparameters
+    names = inspect.signature(PriorModule.__init__).parameters
+    module = PriorModule(**{k: v for k, v in hp.items() if k in names})
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()

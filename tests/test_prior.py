@@ -1,0 +1,205 @@
+"""The transformer prior over code grids: causality, cached sampling, filtering, learning a toy
+distribution, the token data module and its cache, and `vqkit prior fit` / `vqkit sample
+--prior` end to end on a tiny tokenizer."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqkit.cli import main
+from vqkit.prior import CodeTransformer, TokenDataModule, load_prior, sample_logits
+
+PRIOR_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "prior" / "quickstart.yaml"
+
+
+def _tiny(k: int = 16, grid=(3, 4), **kw) -> CodeTransformer:
+    torch.manual_seed(0)
+    return CodeTransformer(k, grid, n_layer=2, n_head=2, n_embd=16, **kw)
+
+
+def test_each_position_sees_only_the_codes_before_it():
+    m = _tiny().eval()
+    x = torch.randint(16, (2, 3, 4))
+    y = x.clone()
+    y[:, 2, 1] = (y[:, 2, 1] + 1) % 16  # raster position 9
+    a, b = m(x), m(y)
+    assert a.shape == (2, 12, 16)
+    torch.testing.assert_close(a[:, :10], b[:, :10])  # positions 0..9 do not see code 9
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-6
+    # nll is the mean cross-entropy of those logits against the codes
+    ref = torch.nn.functional.cross_entropy(a.flatten(0, 1), x.flatten())
+    torch.testing.assert_close(m.nll(x), ref)
+    with pytest.raises(ValueError, match=r"code grids must be \(3, 4\)"):
+        m(torch.zeros(1, 4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 16\)"):
+        m.nll(torch.full((1, 3, 4), 16))
+
+
+def test_cached_sampling_draws_what_recomputing_draws():
+    m = _tiny()
+    m.train()  # generate switches to eval and back
+    greedy = m.generate(3, top_k=1)
+    assert torch.equal(greedy, m.generate(3, top_k=1, use_cache=False)) and m.training
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = m.generate(6, generator=ga, temperature=1.3)
+    b = m.generate(6, generator=gb, temperature=1.3, use_cache=False)
+    assert a.shape == (6, 3, 4) and torch.equal(a, b)
+    prefix = torch.randint(16, (6, 5))
+    c = m.generate(6, prefix=prefix, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(c.flatten(1)[:, :5], prefix)
+    # a full prefix is returned as it is
+    full = torch.randint(16, (2, 12))
+    assert torch.equal(m.generate(2, prefix=full).flatten(1), full)
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest_codes():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.06, 0.04]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_logits(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_p=0.95, generator=g).tolist()) == {0, 1, 2}
+    share = (sample_logits(logits, generator=g) == 0).double().mean()
+    assert abs(float(share) - 0.6) < 0.05
+    # a low temperature concentrates on the mode
+    assert (sample_logits(logits, temperature=0.05, generator=g) == 0).all()
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="n_embd divisible by n_head"):
+        CodeTransformer(16, (2, 2), n_head=3, n_embd=16)
+    with pytest.raises(ValueError, match="grid must be two positive sizes"):
+        CodeTransformer(16, (0, 2))
+    m = _tiny()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        m.generate(1, temperature=0)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 16\]"):
+        m.generate(1, top_k=17)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        m.generate(1, top_p=0)
+
+
+def test_learns_a_toy_distribution_of_four_grids():
+    """Four fixed 3x4 grids, equally likely: the first code decides the grid, so the best
+    possible loss is ln(4) / 12 = 0.116 nats per code, and samples are those four grids."""
+    torch.manual_seed(0)
+    patterns = torch.stack([torch.randperm(16)[:12].view(3, 4) for _ in range(4)])
+    patterns[:, 0, 0] = torch.arange(4)  # distinct first codes
+    m = _tiny()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(600):
+        batch = patterns[torch.randint(4, (32,))]
+        loss = m.nll(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.nll(patterns).item() < 0.15  # the floor is 0.116; uniform is 2.77
+    samples = m.generate(64, generator=torch.Generator().manual_seed(0))
+    hits = (samples[:, None] == patterns[None]).flatten(2).all(-1).any(-1)
+    assert hits.double().mean() > 0.85
+    assert {int(s[0, 0]) for s in samples[hits]} == {0, 1, 2, 3}  # all four grids appear
+
+
+# ---------------------------------------------------------------------- data and the commands
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tests.test_training import fit_tiny_checkpoint
+
+    return fit_tiny_checkpoint(tmp_path_factory.mktemp("prior_tok"))
+
+
+def test_token_data_encodes_the_tokenizers_split_and_caches_it(tokenizer, tmp_path, monkeypatch):
+    from vqkit.data.images import load_image
+    from vqkit.prior import data as prior_data
+    from vqkit.training import load_model
+
+    ckpt, folder = tokenizer
+    dm = TokenDataModule(tokenizer=str(ckpt), batch_size=4, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
+    # 16 images, val_fraction 0.25: 12 train (+ 12 mirrored), 4 val; 32 px -> 8x8 codes
+    assert dm.train_codes.shape == (24, 8, 8) and dm.val_codes.shape == (4, 8, 8)
+    assert dm.train_codes.dtype == torch.int16
+    model = load_model(ckpt)
+    images = sorted(folder.glob("*.png"))
+    all_codes = {tuple(model.encode(load_image(p, 32)[None]).flatten().tolist()): p for p in images}
+    assert all(tuple(c.flatten().tolist()) in all_codes for c in dm.val_codes.long())
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    # a second data module reads the cache instead of encoding
+    monkeypatch.setattr(prior_data, "encode_dataset", lambda *a, **k: pytest.fail("encoded"))
+    again = TokenDataModule(tokenizer=str(ckpt), batch_size=4, cache_dir=str(tmp_path))
+    again.setup("fit")
+    assert torch.equal(again.train_codes, dm.train_codes)
+    batch = next(iter(again.train_dataloader()))[0]
+    assert batch.shape == (4, 8, 8)
+
+
+def _prior_args(tok: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(PRIOR_QUICKSTART),
+        f"--model.tokenizer={tok}",
+        "--model.n_layer=1",
+        "--model.n_head=2",
+        "--model.n_embd=16",
+        "--model.warmup_steps=1",
+        "--model.num_log_samples=4",
+        "--data.batch_size=4",
+        f"--data.cache_dir={cache}",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        *extra,
+    ]
+
+
+def test_prior_fit_then_sample_and_complete(tokenizer, tmp_path, capsys):
+    from vqkit.cli import build_prior_cli
+
+    ckpt, folder = tokenizer
+    cli = build_prior_cli(_prior_args(ckpt, tmp_path / "run", tmp_path / "cache")[1:], run=False)
+    assert cli.datamodule.tokenizer == str(ckpt)  # linked from --model.tokenizer
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    logged = cli.trainer.callback_metrics
+    assert 0 < float(logged["val/nll"]) < 10
+    torch.testing.assert_close(
+        float(logged["val/bits_per_code"]), float(logged["val/nll"]) / np.log(2), rtol=1e-5, atol=0
+    )
+    assert 0 < float(logged["val/unigram_bits"]) <= 6  # K = 64 codes: at most 6 bits
+    prior_ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    state = torch.load(prior_ckpt, weights_only=False)
+    assert all(k.startswith("transformer.") for k in state["state_dict"])  # tokenizer not saved
+    prior = load_prior(prior_ckpt)
+    assert prior.transformer.grid == (8, 8) and prior.transformer.codebook_size == 64
+    # vqkit sample --prior: samples from the prior, and the completion row in the edits
+    images = sorted(folder.glob("*.png"))[:2]
+    out = tmp_path / "samples"
+    argv = ["sample", "--ckpt", str(ckpt), "--prior", str(prior_ckpt), "--output-dir", str(out)]
+    assert main([*argv, "--num", "3", "--top-k", "8", "--images", *map(str, images)]) == 0
+    printed = capsys.readouterr().out
+    assert "codes drawn from the prior last.ckpt" in printed
+    assert "bottom half completed by the prior" in printed
+    edits = np.load(out / "edits_codes.npz")
+    np.testing.assert_array_equal(edits["completed"][:, :4], edits["codes"][:, :4])
+    samples = np.load(out / "samples_codes.npy")
+    assert samples.shape == (3, 8, 8) and samples.min() >= 0 and samples.max() < 64
+    # the same seed, the same samples
+    out2 = tmp_path / "samples2"
+    argv2 = ["sample", "--ckpt", str(ckpt), "--prior", str(prior_ckpt), "--output-dir", str(out2)]
+    assert main([*argv2, "--num", "3", "--top-k", "8"]) == 0
+    np.testing.assert_array_equal(np.load(out2 / "samples_codes.npy"), samples)
+
+
+def test_sampling_options_without_a_prior_and_bad_priors_fail(tokenizer, tmp_path, capsys):
+    ckpt, _ = tokenizer
+    argv = ["sample", "--ckpt", str(ckpt), "--output-dir", str(tmp_path)]
+    assert main([*argv, "--top-k", "5"]) == 1
+    assert "--temperature, --top-k and --top-p need --prior" in capsys.readouterr().err
+    assert main([*argv, "--prior", str(ckpt)]) == 1  # a tokenizer is not a prior
+    assert "is not a vqkit prior checkpoint" in capsys.readouterr().err
