@@ -203,3 +203,14 @@ def test_sampling_options_without_a_prior_and_bad_priors_fail(tokenizer, tmp_pat
     assert "--temperature, --top-k and --top-p need --prior" in capsys.readouterr().err
     assert main([*argv, "--prior", str(ckpt)]) == 1  # a tokenizer is not a prior
     assert "is not a vqkit prior checkpoint" in capsys.readouterr().err
+
+
+def test_prior_fit_without_a_usable_tokenizer_fails_naming_it(tmp_path, capsys):
+    args = ["prior", "fit", "--config", str(PRIOR_QUICKSTART), "--trainer.accelerator=cpu"]
+    assert main([*args, f"--model.tokenizer={tmp_path / 'nope.ckpt'}"]) == 1
+    assert f"vqkit prior: error: checkpoint not found: {tmp_path / 'nope.ckpt'}" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):  # none at all: a parse-time error naming the key
+        main(args)
+    assert "model.tokenizer" in capsys.readouterr().err

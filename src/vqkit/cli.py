@@ -673,7 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "sample":
         return _sample_main(argv[1:])
     if argv and argv[0] == "prior":
-        build_prior_cli(argv[1:])
+        from .training.checkpoint import CheckpointError
+
+        try:
+            build_prior_cli(argv[1:])
+        except CheckpointError as e:  # the tokenizer named by --model.tokenizer
+            print(f"vqkit prior: error: {e}", file=sys.stderr)
+            return 1
         return 0
     # LightningCLI reads sys.argv itself when run as the `vqkit` command (given both, it warns).
     build_cli(None if from_command_line else argv)
