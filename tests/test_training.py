@@ -123,24 +123,26 @@ def test_missing_data_folder_errors_before_training(tmp_path):
     assert "nope" in str(e.value) or e.type is SystemExit
 
 
+def tiny_fit_args(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`vqkit fit` of the shrunk quickstart on ``folder`` for ``steps`` steps into ``out``."""
+    return [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        *tiny_args(folder, out),
+        *quick_overrides(),
+        f"--trainer.max_steps={steps}",
+        "--model.warmup_steps=1",
+        *extra,
+    ]
+
+
 def fit_tiny_checkpoint(root: Path, *extra: str, steps: int = 3) -> tuple[Path, Path]:
     """``last.ckpt`` of a ``steps``-step `vqkit fit` of the shrunk quickstart on a 16-image
     folder made under ``root``, and that folder."""
     folder = make_folder(root / "images", n=16)
-    out = root / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(QUICKSTART),
-            *tiny_args(folder, out),
-            *quick_overrides(),
-            f"--trainer.max_steps={steps}",
-            "--model.warmup_steps=1",
-            *extra,
-        ]
-    )
-    return next(out.rglob("last.ckpt")), folder
+    main(tiny_fit_args(folder, root / "run", steps, *extra))
+    return next((root / "run").rglob("last.ckpt")), folder
 
 
 class StopAt(L.Callback):
@@ -326,18 +328,7 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, capsys):
     folder = make_folder(tmp_path / "images", n=16)
 
     def fit(out: Path, steps: int, *extra: str) -> dict:
-        main(
-            [
-                "fit",
-                "--config",
-                str(QUICKSTART),
-                *tiny_args(folder, out),
-                *quick_overrides(),
-                f"--trainer.max_steps={steps}",
-                "--model.warmup_steps=1",
-                *extra,
-            ]
-        )
+        main(tiny_fit_args(folder, out, steps, *extra))
         newest = max(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
         return torch.load(newest, weights_only=False)
 

@@ -24,6 +24,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ddp_env(probe: Path) -> dict[str, str]:
+    """Environment of a 2-process gloo run on this machine that writes its probe to ``probe``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "VQKIT_PROBE_DIR": str(probe),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def _fit_ddp(
     folder: Path,
     out: Path,
@@ -34,14 +46,7 @@ def _fit_ddp(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     probe.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
-        "VQKIT_PROBE_DIR": str(probe),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = _ddp_env(probe)
     cmd = [
         sys.executable,
         "-m",
@@ -153,14 +158,7 @@ def test_ddp_prior_fit_shards_grids_and_keeps_processes_identical(tmp_path):
     tokenizer, _ = fit_tiny_checkpoint(tmp_path / "tok")
     probe = tmp_path / "probe"
     probe.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
-        "VQKIT_PROBE_DIR": str(probe),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = _ddp_env(probe)
     out = tmp_path / "prior"
     cmd = [
         sys.executable,

@@ -258,15 +258,19 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_main(argv: Sequence[str]) -> int:
-    args = _analyze_parser().parse_args(list(argv))
+def _guarded(prog: str, run, args: argparse.Namespace, *errors: type[Exception]) -> int:  # noqa: ANN001
+    """Run a subcommand; the errors bad input causes end in one line and exit status 1."""
     from .training.checkpoint import CheckpointError
 
     try:
-        return _run_analyze(args)
-    except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"vqkit analyze: error: {e}", file=sys.stderr)
+        return run(args)
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError, *errors) as e:
+        print(f"vqkit {prog}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _analyze_main(argv: Sequence[str]) -> int:
+    return _guarded("analyze", _run_analyze, _analyze_parser().parse_args(list(argv)))
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -370,19 +374,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_main(argv: Sequence[str]) -> int:
     args = _evaluate_parser().parse_args(list(argv))
     from .evaluation.evaluate import LPIPSUnavailableError
-    from .training.checkpoint import CheckpointError
 
-    try:
-        return _run_evaluate(args)
-    except (
-        CheckpointError,
-        FileNotFoundError,
-        NotADirectoryError,
-        ValueError,
-        LPIPSUnavailableError,
-    ) as e:
-        print(f"vqkit evaluate: error: {e}", file=sys.stderr)
-        return 1
+    return _guarded("evaluate", _run_evaluate, args, LPIPSUnavailableError)
 
 
 def _sample_parser() -> argparse.ArgumentParser:
@@ -529,14 +522,8 @@ def _load_sampling_prior(args: argparse.Namespace, model, grid, device):  # noqa
 
 
 def _sample_main(argv: Sequence[str]) -> int:
-    args = _sample_parser().parse_args(list(argv))
-    from .training.checkpoint import CheckpointError
-
-    try:
-        return _run_sample(args)
-    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
-        print(f"vqkit sample: error: {e}", file=sys.stderr)
-        return 1
+    # OSError: an image file that cannot be decoded (UnreadableImageError)
+    return _guarded("sample", _run_sample, _sample_parser().parse_args(list(argv)), OSError)
 
 
 def _say(message: str) -> None:
