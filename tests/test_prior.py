@@ -75,8 +75,11 @@ def test_bad_arguments_name_the_value():
     m = _tiny()
     with pytest.raises(ValueError, match="temperature must be > 0"):
         m.generate(1, temperature=0)
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, 16\]"):
-        m.generate(1, top_k=17)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        m.generate(1, top_k=0)
+    # above the codebook size: no filtering (the same draws as without top_k)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(m.generate(2, top_k=17, generator=g1), m.generate(2, generator=g2))
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         m.generate(1, top_p=0)
 
@@ -214,3 +217,31 @@ def test_prior_fit_without_a_usable_tokenizer_fails_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit):  # none at all: a parse-time error naming the key
         main(args)
     assert "model.tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config", sorted(PRIOR_QUICKSTART.parent.glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_fast_dev_run_of_every_prior_config(config, tokenizer, tmp_path):
+    from vqkit.cli import build_prior_cli
+
+    ckpt, _ = tokenizer
+    args = [
+        "--config",
+        str(config),
+        f"--model.tokenizer={ckpt}",
+        "--model.n_layer=1",
+        "--model.n_embd=16",
+        "--model.n_head=2",
+        "--data.batch_size=4",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.fast_dev_run=2",
+    ]
+    cli = build_prior_cli(args, run=False)
+    assert cli.model.transformer.grid == (8, 8)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2

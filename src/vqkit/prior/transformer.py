@@ -185,8 +185,9 @@ class CodeTransformer(nn.Module):
 
         ``prefix``: (num, P) codes that every grid starts with (raster order; e.g. the top rows
         of real images' codes, completed by the prior). ``temperature`` divides the logits;
-        ``top_k`` keeps the k likeliest codes, ``top_p`` the smallest set whose probability
-        reaches p. ``generator`` must live on the model's device. ``use_cache=False``
+        ``top_k`` keeps the k likeliest codes (all of them when k >= K), ``top_p`` the
+        smallest set whose probability reaches p. ``generator`` must live on the model's
+        device. ``use_cache=False``
         recomputes the whole prefix at every step (nanoGPT's ``generate``): same
         distribution, for checking and benchmarks.
         """
@@ -194,8 +195,8 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"num must be >= 1, got {num}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.codebook_size:
-            raise ValueError(f"top_k must be in [1, {self.codebook_size}], got {top_k}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")  # above K: no filtering
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         device = self.pos_emb.device
