@@ -178,6 +178,7 @@ def test_prior_fit_then_sample_and_complete(tokenizer, tmp_path, capsys):
     prior_ckpt = next((tmp_path / "run").rglob("last.ckpt"))
     state = torch.load(prior_ckpt, weights_only=False)
     assert all(k.startswith("transformer.") for k in state["state_dict"])  # tokenizer not saved
+    assert state["hyper_parameters"]["tokenizer"] == str(ckpt.resolve())
     prior = load_prior(prior_ckpt)
     assert prior.transformer.grid == (8, 8) and prior.transformer.codebook_size == 64
     # vqkit sample --prior: samples from the prior, and the completion row in the edits

@@ -53,6 +53,10 @@ class PriorModule(L.LightningModule):
         top_k: int | None = None,
     ) -> None:
         super().__init__()
+        if not tokenizer:
+            raise ValueError("PriorModule needs tokenizer= (the checkpoint of a `vqkit fit`)")
+        # absolute, so a checkpoint of this module loads from any working directory
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
         self.save_hyperparameters()
         ckpt = read_checkpoint(tokenizer)
         model = load_model(tokenizer, checkpoint=ckpt)
