@@ -218,6 +218,10 @@ def test_prior_fit_without_a_usable_tokenizer_fails_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit):  # none at all: a parse-time error naming the key
         main(args)
     assert "model.tokenizer" in capsys.readouterr().err
+    from vqkit.prior import PriorModule
+
+    with pytest.raises(ValueError, match="PriorModule needs tokenizer="):
+        PriorModule(tokenizer=None)
 
 
 @pytest.mark.parametrize(
