@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from vqkit.cli import main
-from vqkit.prior import CodeTransformer, TokenDataModule, load_prior, sample_logits
+from vqkit.prior import (
+    CodeTransformer,
+    TokenDataModule,
+    load_prior,
+    load_prior_transformer,
+    sample_logits,
+)
 
 PRIOR_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "prior" / "quickstart.yaml"
 
@@ -49,6 +55,10 @@ def test_cached_sampling_draws_what_recomputing_draws():
     prefix = torch.randint(16, (6, 5))
     c = m.generate(6, prefix=prefix, generator=torch.Generator().manual_seed(1))
     assert torch.equal(c.flatten(1)[:, :5], prefix)
+    # a cached step takes exactly the one newest position
+    kv = (torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match="a cached step takes one position, got 2"):
+        m.blocks[0].attn(torch.zeros(1, 2, 16), kv)
     # a full prefix is returned as it is
     full = torch.randint(16, (2, 12))
     assert torch.equal(m.generate(2, prefix=full).flatten(1), full)
@@ -198,6 +208,26 @@ def test_prior_fit_then_sample_and_complete(tokenizer, tmp_path, capsys):
     argv2 = ["sample", "--ckpt", str(ckpt), "--prior", str(prior_ckpt), "--output-dir", str(out2)]
     assert main([*argv2, "--num", "3", "--top-k", "8"]) == 0
     np.testing.assert_array_equal(np.load(out2 / "samples_codes.npy"), samples)
+
+    # Sampling needs only the transformer: it loads with the recorded tokenizer gone, and a
+    # tokenizer without validation counts samples from the prior (which needs none).
+    moved = torch.load(prior_ckpt, weights_only=False)
+    moved["hyper_parameters"]["tokenizer"] = str(tmp_path / "moved_away.ckpt")
+    torch.save(moved, tmp_path / "prior_moved.ckpt")
+    transformer = load_prior_transformer(tmp_path / "prior_moved.ckpt")
+    for k, v in prior.transformer.state_dict().items():
+        torch.testing.assert_close(transformer.state_dict()[k], v, rtol=0, atol=0)
+    blank = torch.load(ckpt, weights_only=False)
+    blank["state_dict"]["model.quantizer.usage.eval_counts"].zero_()
+    torch.save(blank, tmp_path / "tok_no_counts.ckpt")
+    out3 = tmp_path / "samples3"
+    argv3 = ["sample", "--ckpt", str(tmp_path / "tok_no_counts.ckpt"), "--output-dir", str(out3)]
+    assert main([*argv3, "--prior", str(tmp_path / "prior_moved.ckpt"), "--num", "3"]) == 0
+    drawn = np.load(out3 / "samples_codes.npy")
+    assert drawn.shape == (3, 8, 8) and drawn.min() >= 0 and drawn.max() < 64
+    capsys.readouterr()
+    assert main([*argv3, "--num", "3"]) == 1  # independent draws do need the counts
+    assert "no validation code counts" in capsys.readouterr().err
 
 
 def test_sampling_options_without_a_prior_and_bad_priors_fail(tokenizer, tmp_path, capsys):

@@ -446,8 +446,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     device, model, dm_hparams, size = _load_checkpoint(args)
     model.to(device).eval()
     grid = model.token_grid(size)
-    probs = code_distribution(model, args.source)
     prior = _load_sampling_prior(args, model, grid, device)
+    # independent draws and redrawn edits need the code distribution; the prior alone does not
+    need_probs = args.images or (args.num and prior is None)
+    probs = code_distribution(model, args.source) if need_probs else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -509,9 +511,9 @@ def _load_sampling_prior(args: argparse.Namespace, model, grid, device):  # noqa
         if args.top_k is not None or args.top_p is not None or args.temperature != 1.0:
             raise ValueError("--temperature, --top-k and --top-p need --prior")
         return None
-    from .prior import load_prior
+    from .prior import load_prior_transformer
 
-    transformer = load_prior(args.prior).transformer.to(device)
+    transformer = load_prior_transformer(args.prior).to(device)
     k = model.quantizer.codebook_size
     if transformer.codebook_size != k or transformer.grid != tuple(grid):
         raise ValueError(
@@ -651,15 +653,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(COMMANDS, end="")
         return 0 if argv else 2
-    if argv and argv[0] == "data":
+    if argv[0] == "data":
         return _data_main(argv[1:])
-    if argv and argv[0] == "analyze":
+    if argv[0] == "analyze":
         return _analyze_main(argv[1:])
-    if argv and argv[0] == "evaluate":
+    if argv[0] == "evaluate":
         return _evaluate_main(argv[1:])
-    if argv and argv[0] == "sample":
+    if argv[0] == "sample":
         return _sample_main(argv[1:])
-    if argv and argv[0] == "prior":
+    if argv[0] == "prior":
         from .training.checkpoint import CheckpointError
 
         try:

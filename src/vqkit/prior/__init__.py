@@ -1,7 +1,7 @@
 """Autoregressive priors over a tokenizer's code grid (seed 004, phase 3)."""
 
 from .data import TokenDataModule, encode_dataset
-from .module import PriorModule, load_prior
+from .module import PriorModule, load_prior, load_prior_transformer
 from .transformer import CodeTransformer, sample_logits
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "TokenDataModule",
     "encode_dataset",
     "load_prior",
+    "load_prior_transformer",
     "sample_logits",
 ]

@@ -110,6 +110,14 @@ class TokenDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_codes: Tensor | None = None
         self.val_codes: Tensor | None = None
+        self._ckpt: dict | None = None  # the tokenizer checkpoint, read once, kept until setup
+
+    def _checkpoint(self) -> dict:
+        if self.tokenizer is None:
+            raise ValueError("TokenDataModule needs tokenizer= (a `vqkit fit` checkpoint)")
+        if self._ckpt is None:
+            self._ckpt = read_checkpoint(self.tokenizer)
+        return self._ckpt
 
     # ------------------------------------------------------------------------------ images
     def _image_data(self, ckpt: dict) -> ImageDataModule:
@@ -138,10 +146,7 @@ class TokenDataModule(L.LightningDataModule):
         return dm
 
     def prepare_data(self) -> None:
-        if self.tokenizer is None:
-            raise ValueError("TokenDataModule needs tokenizer= (a `vqkit fit` checkpoint)")
-        ckpt = read_checkpoint(self.tokenizer)
-        self._image_data(ckpt).prepare_data()  # fetches the bundled set on one process
+        self._image_data(self._checkpoint()).prepare_data()  # fetches the bundled set, once
 
     def _cache_file(self, ckpt_path: Path, dm: ImageDataModule) -> Path:
         from ..data.bundled import default_cache_dir
@@ -164,10 +169,9 @@ class TokenDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_codes is not None:
             return
-        if self.tokenizer is None:
-            raise ValueError("TokenDataModule needs tokenizer= (a `vqkit fit` checkpoint)")
+        ckpt = self._checkpoint()
+        self._ckpt = None  # not needed past setup: do not hold the tokenizer's weights twice
         path = Path(self.tokenizer)
-        ckpt = read_checkpoint(path)
         dm = self._image_data(ckpt)
         dm.setup("fit")
         cache = self._cache_file(path, dm)

@@ -17,6 +17,8 @@ from ..training.schedules import warmup_cosine
 from .data import tokenizer_image_size
 from .transformer import CodeTransformer
 
+TRANSFORMER_KEY = "code_transformer"
+
 
 class PriorModule(L.LightningModule):
     """An autoregressive prior over the code grid of a trained tokenizer (seed 004, phase 3).
@@ -142,6 +144,11 @@ class PriorModule(L.LightningModule):
         images = decode_codes(self.tokenizer_model, codes)
         exp.add_image("val/samples", image_grid(image_rows(images)), self.global_step)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The transformer's own arguments: `load_prior_transformer` rebuilds it for sampling
+        # without reading the tokenizer again.
+        checkpoint[TRANSFORMER_KEY] = dict(self.transformer.config)
+
     # ------------------------------------------------------------------------------ optim
     def configure_optimizers(self):  # noqa: ANN201
         hp = self.hparams
@@ -189,3 +196,22 @@ def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> Pr
     module = PriorModule(**{k: v for k, v in hp.items() if k in names})
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
+
+
+def load_prior_transformer(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> CodeTransformer:
+    """The ``CodeTransformer`` of a prior checkpoint, in eval mode, without its tokenizer (which
+    ``vqkit sample`` has already loaded from ``--ckpt``)."""
+    ckpt = read_checkpoint(path, map_location)
+    config = ckpt.get(TRANSFORMER_KEY)
+    weights = {
+        k.removeprefix("transformer."): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("transformer.")
+    }
+    if config is None or not weights:
+        raise CheckpointError(f"{path} is not a vqkit prior checkpoint (no {TRANSFORMER_KEY})")
+    transformer = CodeTransformer(**config)
+    transformer.load_state_dict(weights)
+    return transformer.eval()

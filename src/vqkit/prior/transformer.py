@@ -30,25 +30,18 @@ class _Attention(nn.Module):
     def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None):  # noqa: ANN201
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        # Without a cache queries and keys are the same positions: causal. With one (sampling),
+        # x is the one newest position, which attends to every cached key and itself.
         if cache is not None:
+            if t != 1:
+                raise ValueError(f"a cached step takes one position, got {t}")
             k = torch.cat([cache[0], k], dim=2)
             v = torch.cat([cache[1], v], dim=2)
-        # Without a cache (or an empty one) queries and keys are the same positions: causal.
-        # With one, the t new queries come after every cached key: the last t rows of the mask.
-        if cache is None or cache[0].shape[2] == 0:
-            mask, causal = None, True
-        elif t == 1:
-            mask, causal = None, False
-        else:
-            n = k.shape[2]
-            mask = torch.ones(t, n, dtype=torch.bool, device=x.device).tril(n - t)
-            causal = False
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask,
-            is_causal=causal,
+            is_causal=cache is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
         y = self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
@@ -109,6 +102,15 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.codebook_size = codebook_size
         self.grid = grid
+        # the constructor arguments: a prior checkpoint rebuilds this module from them alone
+        self.config = {
+            "codebook_size": codebook_size,
+            "grid": list(grid),
+            "n_layer": n_layer,
+            "n_head": n_head,
+            "n_embd": n_embd,
+            "dropout": dropout,
+        }
         self.block_size = grid[0] * grid[1]
         self.tok_emb = nn.Embedding(codebook_size + 1, n_embd)  # row K: the start token
         self.pos_emb = nn.Parameter(torch.zeros(1, self.block_size, n_embd))
