@@ -64,10 +64,16 @@ def test_kmeans_init_waits_for_enough_samples(caplog):
     vq = VectorQuantizer(2, 32, maintenance=[KMeansInit(warmup_steps=0, reservoir_size=64)]).train()
     with caplog.at_level(logging.INFO, logger="vqkit"):
         vq(torch.randn(10, 2))
-    assert "skipped: 10 samples < 32 codes" in caplog.text
+    assert "k-means init at step 0 skipped: 10 samples < 32 codes" in caplog.text
     assert not vq.maintenance[0].is_done()
     vq(torch.randn(30, 2))
     assert vq.maintenance[0].is_done()
+    skipped, done = vq.pop_events()
+    assert (skipped.status, skipped.samples, skipped.codes_replaced) == ("skipped", 10, 0)
+    assert (done.strategy, done.status, done.step) == ("k-means init", "done", 1)
+    assert (done.samples, done.codes_replaced) == (40, 32)
+    assert done.inertia is not None and done.inertia >= 0 and done.ms > 0
+    assert vq.pop_events() == []  # drained
 
 
 def test_reestimate_full_replaces_everything_and_logs(caplog):
@@ -78,8 +84,10 @@ def test_reestimate_full_replaces_everything_and_logs(caplog):
     with caplog.at_level(logging.INFO, logger="vqkit"):
         for i in range(3):
             vq(data[i * 300 : (i + 1) * 300])
-    assert "k-means re-estimation at step 2: 512 samples -> 8 codes" in caplog.text
-    assert "8 codes replaced" in caplog.text
+    assert "k-means re-estimation at step 2: 512 samples, 8 codes replaced, inertia" in caplog.text
+    assert "(whole codebook)" in caplog.text
+    (event,) = vq.pop_events()
+    assert (event.step, event.samples, event.codes_replaced) == (2, 512, 8)
     assert re.reservoir.seen == 0  # this step was added, then the reservoir reset (VQFR order)
     # Every true blob center now has a code within the noise level.
     d = torch.cdist(centers, vq.codebook.detach()).min(1).values
@@ -94,7 +102,8 @@ def test_reestimate_skips_when_reservoir_short(caplog):
     with caplog.at_level(logging.INFO, logger="vqkit"):
         vq(torch.randn(5, 2))
         vq(torch.randn(5, 2))
-    assert "k-means re-estimation at step 1 skipped: 10 samples < 64 codes" in caplog.text
+    # seed 001's skip line: the reason, with both counts
+    assert "k-means re-estimation at step 1 skipped: too few samples (10 < 64 codes)" in caplog.text
     assert torch.equal(vq.codebook.detach(), c0)
 
 
@@ -128,6 +137,10 @@ def test_dead_code_restart_ema_consistent():
     vq(x)
     # All 15 far codes were dead; they restart at batch samples.
     assert vq.replaced_mask[1:].all()
+    (event,) = vq.pop_events()
+    assert (event.strategy, event.step, event.codes_replaced) == ("dead-code restart", 0, 15)
+    # the first batch starts the EMA counts: the far codes took none of it
+    assert event.detail == "EMA usage 0 on average, at most 0, below 2; restarted at batch vectors"
     restarted = vq.codebook.detach()[1:]
     gap = (restarted[:, None] - x[None]).abs().sum(-1).min(1).values
     assert gap.max() == 0.0

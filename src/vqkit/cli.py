@@ -572,11 +572,13 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
     from lightning.pytorch.cli import LightningCLI
 
     from .data.datamodule import ImageDataModule
-    from .training import TrainingSummary, VQTokenizerModule
+    from .training import ConsoleLog, TrainingSummary, VQTokenizerModule
 
     class VQKitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
-            # Always on: every fit ends with the summary table and files.
+            # Always on: every fit tells the codebook's story as it goes (console, vqkit.log,
+            # TensorBoard) and ends with the summary table and files.
+            parser.add_lightning_class_args(ConsoleLog, "console")
             parser.add_lightning_class_args(TrainingSummary, "summary")
 
         def _resolve_last(self) -> None:
@@ -606,10 +608,12 @@ def build_prior_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
     from lightning.pytorch.cli import LightningCLI
 
     from .prior import PriorModule, TokenDataModule
+    from .training import ConsoleLog
 
     class PriorCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
             parser.link_arguments("model.tokenizer", "data.tokenizer")
+            parser.add_lightning_class_args(ConsoleLog, "console")
 
         def _resolve_last(self) -> None:
             _resolve_last(self, "vqkit prior")
@@ -631,9 +635,12 @@ def build_prior_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
         )
 
 
-COMMANDS = """usage: vqkit COMMAND ...
+COMMANDS = """usage: vqkit [--verbosity LEVEL] COMMAND ...
 
 Train and inspect discrete image tokenizers (VQ-VAE, VQ-GAN).
+
+--verbosity LEVEL (anywhere on the line, or $VQKIT_LOG_LEVEL): DEBUG, INFO (default), WARNING or
+ERROR; what vqkit logs goes to stderr and, for fit, to vqkit.log in the run folder.
 
 commands:
   fit --config CONFIG   train a tokenizer (LightningCLI: vqkit fit --help); also validate,
@@ -647,9 +654,49 @@ commands:
 """
 
 
+def _pop_verbosity(argv: list[str]) -> str | None:
+    """Remove ``--verbosity LEVEL`` / ``--verbosity=LEVEL`` from ``argv``; the last one wins."""
+    level, i = None, 0
+    while i < len(argv):
+        if argv[i] == "--verbosity":
+            if i + 1 >= len(argv):
+                raise ValueError("--verbosity needs a level: DEBUG, INFO, WARNING or ERROR")
+            level = argv[i + 1]
+            del argv[i : i + 2]
+        elif argv[i].startswith("--verbosity="):
+            level = argv[i].split("=", 1)[1]
+            del argv[i]
+        else:
+            i += 1
+    return level
+
+
+def _setup_logging(argv: list[str], from_command_line: bool) -> None:
+    """``--verbosity`` (or $VQKIT_LOG_LEVEL) sets what vqkit logs to stderr. The level goes into
+    the environment and the option out of ``sys.argv``: a DDP launcher re-runs ``sys.argv`` in
+    each process, and LightningCLI would reject the unknown key."""
+    import os
+
+    from .training.console import LEVEL_ENV, quiet_lightning, resolve_level, setup_logging
+
+    level = _pop_verbosity(argv)
+    if from_command_line:
+        _pop_verbosity(sys.argv)
+    resolve_level(level)  # a bad level fails here, named
+    if level is not None:
+        os.environ[LEVEL_ENV] = level
+    setup_logging(level)
+    quiet_lightning()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _setup_logging(argv, from_command_line)
+    except ValueError as e:
+        print(f"vqkit: error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(COMMANDS, end="")
         return 0 if argv else 2

@@ -183,15 +183,19 @@ def scan_images(
     return good, bad
 
 
-def warn_skipped(skipped: Sequence[tuple[Path, str]], total: int) -> None:
+def warn_skipped(skipped: Sequence[tuple[Path, str]], total: int, shown: int = 5) -> None:
+    """Log how many files were skipped and the first ``shown`` of them by name and reason (the
+    training console writes the whole list to ``skipped_files.txt`` in the run folder)."""
     if not skipped:
         return
-    examples = "; ".join(f"{p} ({reason})" for p, reason in skipped[:3])
+    examples = "".join(f"\n  {p}: {reason}" for p, reason in skipped[:shown])
+    more = f"\n  ... and {len(skipped) - shown} more" if len(skipped) > shown else ""
     log.warning(
-        "skipped %d of %d image files that could not be decoded, e.g. %s",
+        "skipped %d of %d image files that could not be decoded:%s%s",
         len(skipped),
         total,
         examples,
+        more,
     )
 
 

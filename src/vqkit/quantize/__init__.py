@@ -2,7 +2,14 @@
 
 from .distance import nearest, pairwise_sqdist
 from .kmeans import KMeansResult, kmeans, kmeans_plusplus
-from .maintenance import DeadCodeRestart, EMAUpdate, KMeansInit, KMeansReestimate, Maintenance
+from .maintenance import (
+    DeadCodeRestart,
+    EMAUpdate,
+    KMeansInit,
+    KMeansReestimate,
+    Maintenance,
+    MaintenanceEvent,
+)
 from .quantizer import QuantizerOutput, VectorQuantizer, reset_optimizer_state
 from .regularizers import EntropyPenalty, Regularizer
 from .reservoir import ReservoirSampler
@@ -18,6 +25,7 @@ __all__ = [
     "KMeansReestimate",
     "KMeansResult",
     "Maintenance",
+    "MaintenanceEvent",
     "QuantizerOutput",
     "Regularizer",
     "ReservoirSampler",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,48 @@ if TYPE_CHECKING:
     from .quantizer import VectorQuantizer
 
 log = logging.getLogger("vqkit.quantize")
+
+
+@dataclass
+class MaintenanceEvent:
+    """One thing a strategy did (or declined to do) to the codebook at one training step.
+
+    Strategies append these to ``quantizer.events`` (drained by ``quantizer.pop_events()``; the
+    training callback turns them into console lines and TensorBoard scalars) and log
+    ``message()`` on the ``vqkit.quantize`` logger from the first process.
+    """
+
+    step: int
+    strategy: str  # "k-means init", "k-means re-estimation", "dead-code restart"
+    status: str  # "done" or "skipped"
+    samples: int = 0  # reservoir vectors the k-means ran on (or had, when skipped)
+    codes_replaced: int = 0
+    inertia: float | None = None  # k-means mean squared distance, first process only
+    ms: float = 0.0
+    detail: str = ""  # why it was skipped, or what the replaced codes were
+    usage_mean: float | None = None  # dead-code restart: EMA usage of the restarted codes
+    usage_max: float | None = None
+
+    def message(self) -> str:
+        head = f"{self.strategy} at step {self.step}"
+        if self.status == "skipped":
+            return f"{head} skipped: {self.detail}"
+        parts = []
+        if self.samples:
+            parts.append(f"{self.samples} samples")
+        parts.append(f"{self.codes_replaced} codes replaced")
+        if self.inertia is not None and self.inertia == self.inertia:  # not NaN
+            parts.append(f"inertia {self.inertia:.4g}")
+        if self.ms:
+            parts.append(f"{self.ms:.0f} ms")
+        tail = f" ({self.detail})" if self.detail else ""
+        return f"{head}: " + ", ".join(parts) + tail
+
+
+def _emit(quantizer: VectorQuantizer, event: MaintenanceEvent, level: int = logging.INFO) -> None:
+    quantizer.events.append(event)
+    if D.rank() == 0:
+        log.log(level, "%s", event.message())
 
 
 class EMAUpdate(nn.Module):
@@ -74,6 +117,9 @@ class EMAUpdate(nn.Module):
     def extra_repr(self) -> str:
         return f"decay={self.decay}, eps={self.eps}"
 
+    def describe(self, quantizer: VectorQuantizer) -> str:
+        return f"EMA codebook: moving averages of the assigned vectors, decay {self.decay}"
+
 
 class Maintenance(nn.Module):
     """Base class of codebook-maintenance strategies."""
@@ -94,6 +140,10 @@ class Maintenance(nn.Module):
         self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
         """Training forwards only, after assignment; ``counts`` are global per-code counts."""
+
+    def describe(self, quantizer: VectorQuantizer) -> str:
+        """One line saying what this strategy will do and when (printed at the start of a run)."""
+        return repr(self)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -203,32 +253,35 @@ class KMeansInit(_Cached):
         x = self.reservoir.contents()
         k = quantizer.codebook_size
         if x.shape[0] < k:
-            if D.rank() == 0:
-                log.info(
-                    "k-means init at step %d skipped: %d samples < %d codes; retrying next step",
-                    step,
-                    x.shape[0],
-                    k,
-                )
+            detail = f"{x.shape[0]} samples < {k} codes; retrying next step"
+            _emit(
+                quantizer,
+                MaintenanceEvent(step, "k-means init", "skipped", x.shape[0], 0, detail=detail),
+            )
             return False
         t0 = time.perf_counter()
         centers, counts, inertia = _kmeans_on_rank0(quantizer, x, step, self.seed, self.iters)
         counts = counts * _tokens_per_step(quantizer, z) / x.shape[0]
         mask = torch.ones(k, dtype=torch.bool, device=quantizer.codebook.device)
-        quantizer.replace_codes(mask, centers, counts)
+        replaced = quantizer.replace_codes(mask, centers, counts)
         self.reservoir.reset()
         self.done.fill_(True)
         self._done = True
-        if D.rank() == 0:
-            log.info(
-                "k-means init at step %d done in %.2f s: %d samples -> %d codes, inertia %.4g",
-                step,
-                time.perf_counter() - t0,
-                x.shape[0],
-                k,
-                inertia,
-            )
+        ms = (time.perf_counter() - t0) * 1e3
+        event = MaintenanceEvent(step, "k-means init", "done", x.shape[0], replaced, inertia, ms)
+        _emit(quantizer, event)
         return False
+
+    def describe(self, quantizer: VectorQuantizer) -> str:
+        k = quantizer.codebook_size
+        if self.warmup_steps == 0:
+            when = "from the first batches"
+        else:
+            when = f"at step {self.warmup_steps} (steps before it pass through unquantized)"
+        return (
+            f"k-means init: all {k} codes set to the k-means centers ({self.iters} iterations) "
+            f"of a {self.reservoir_size}-vector reservoir {when}"
+        )
 
     def extra_repr(self) -> str:
         return f"warmup_steps={self.warmup_steps}, reservoir_size={self.reservoir_size}"
@@ -308,57 +361,36 @@ class KMeansReestimate(Maintenance):
         x = self.reservoir.contents()
         k = quantizer.codebook_size
         n = x.shape[0]
-        rank0 = D.rank() == 0
+        name = "k-means re-estimation"
         if n < k:
             # The reservoir is replicated, so every rank takes this branch together: no hang.
-            if rank0:
-                log.info(
-                    "k-means re-estimation at step %d skipped: %d samples < %d codes", step, n, k
-                )
+            detail = f"too few samples ({n} < {k} codes)"
+            _emit(quantizer, MaintenanceEvent(step, name, "skipped", n, 0, detail=detail))
             return 0
         dev = quantizer.codebook.device
         t0 = time.perf_counter()
         if self.mode == "full":
-            if rank0:
-                log.info("k-means re-estimation at step %d: %d samples -> %d codes", step, n, k)
             init = quantizer.effective_codebook().detach() if self.warm_start else "k-means++"
             centers, counts, inertia = _kmeans_on_rank0(
                 quantizer, x, step, self.seed, self.iters, init=init
             )
             mask = torch.ones(k, dtype=torch.bool, device=dev)
+            detail = "whole codebook"
         else:
             mask = self.counts_since < self.min_usage
             n_dead = int(mask.sum())
             if n_dead == 0:
-                if rank0:
-                    log.info(
-                        "k-means re-estimation at step %d: no code used < %d times, "
-                        "nothing replaced",
-                        step,
-                        self.min_usage,
-                    )
+                detail = f"no code used < {self.min_usage} times since the last one"
+                _emit(quantizer, MaintenanceEvent(step, name, "skipped", n, 0, detail=detail))
                 self._after(quantizer)
                 return 0
-            if rank0:
-                log.info(
-                    "k-means re-estimation at step %d: %d samples -> %d dead of %d codes",
-                    step,
-                    n,
-                    n_dead,
-                    k,
-                )
             centers, counts, inertia = self._dead_centers(quantizer, x, mask, step)
+            detail = f"{n_dead} of {k} codes used < {self.min_usage} times since the last one"
         counts = counts * tokens_per_step / n
         replaced = quantizer.replace_codes(mask, centers[mask], counts[mask])
         self._after(quantizer)
-        if rank0:
-            log.info(
-                "k-means re-estimation at step %d done in %.2f s, inertia %.4g, %d codes replaced",
-                step,
-                time.perf_counter() - t0,
-                inertia,
-                replaced,
-            )
+        ms = (time.perf_counter() - t0) * 1e3
+        _emit(quantizer, MaintenanceEvent(step, name, "done", n, replaced, inertia, ms, detail))
         return replaced
 
     def _dead_centers(
@@ -388,6 +420,25 @@ class KMeansReestimate(Maintenance):
         return (
             f"every={self.every}, until={self.until}, reservoir_size={self.reservoir_size}, "
             f"mode={self.mode!r}, min_usage={self.min_usage}"
+        )
+
+    def describe(self, quantizer: VectorQuantizer) -> str:
+        what = (
+            "the whole codebook replaced by"
+            if self.mode == "full"
+            else f"codes used < {self.min_usage} times since the last one re-placed by"
+        )
+        fires = range(self.every, self.until, self.every)
+        if len(fires) == 0:
+            steps = "no step (until <= every)"
+        elif len(fires) <= 3:
+            steps = "step " if len(fires) == 1 else "steps "
+            steps += ", ".join(str(s) for s in fires)
+        else:
+            steps = f"steps {fires[0]}, {fires[1]}, ..., {fires[-1]}"
+        return (
+            f"k-means re-estimation ({self.mode}) at {steps}: {what} k-means "
+            f"({self.iters} iterations) on a {self.reservoir_size}-vector reservoir"
         )
 
 
@@ -463,9 +514,18 @@ class DeadCodeRestart(Maintenance):
         if quantizer.distance == "cosine":
             new = F.normalize(new, dim=1)
         counts_new = self._captured(quantizer, z, new)
+        usage = quantizer.usage.ema_counts[dead]
+        mean, top = float(usage.mean()), float(usage.max())
+        detail = (
+            f"EMA usage {mean:.3g} on average, at most {top:.3g}, below {self.threshold:g}; "
+            f"restarted at {self.source} vectors"
+        )
         n = quantizer.replace_codes(dead, new, counts_new.clamp_min(self.threshold))
-        if D.rank() == 0:
-            log.debug("dead-code restart at step %d: %d codes restarted", step, n)
+        # every step may restart a few: one DEBUG line each; the training console sums them up
+        event = MaintenanceEvent(
+            step, "dead-code restart", "done", 0, n, detail=detail, usage_mean=mean, usage_max=top
+        )
+        _emit(quantizer, event, logging.DEBUG)
 
     def _captured(self, quantizer: VectorQuantizer, z: Tensor, new: Tensor) -> Tensor:
         """Global count of this batch's tokens that would pick each new code."""
@@ -479,3 +539,13 @@ class DeadCodeRestart(Maintenance):
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, source={self.source!r}, every={self.every}"
+
+    def describe(self, quantizer: VectorQuantizer) -> str:
+        when = "every step" if self.every == 1 else f"every {self.every} steps"
+        pool = (
+            "the batch" if self.source == "batch" else f"a {self.reservoir_size}-vector reservoir"
+        )
+        return (
+            f"dead-code restart {when}: codes whose EMA usage falls below {self.threshold:g} "
+            f"restart at random encoder outputs from {pool}"
+        )

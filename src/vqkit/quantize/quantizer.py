@@ -8,6 +8,7 @@ was the pain point of wiring VQFR's re-estimation into another training loop (se
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from . import distributed as D
 from .distance import DEFAULT_MAX_BLOCK, nearest, pairwise_sqdist, sample_nearest
-from .maintenance import EMAUpdate, Maintenance
+from .maintenance import EMAUpdate, Maintenance, MaintenanceEvent
 from .regularizers import Regularizer
 from .usage import CodeUsage
 
@@ -185,6 +186,9 @@ class VectorQuantizer(nn.Module):
         self._step_cache: int | None = None
         self._last_tokens = 0  # global tokens of the last training forward, for EMA-count units
         self._last_min_dist: Tensor | None = None
+        # What the strategies did, newest last, until someone drains it (not state: a resumed run
+        # starts with none). Bounded, so a loop that never drains it does not grow.
+        self.events: deque[MaintenanceEvent] = deque(maxlen=1024)
 
         self.usage = CodeUsage(codebook_size, ema_decay=usage_decay, dead_below=dead_below)
         self.ema = ema
@@ -210,6 +214,29 @@ class VectorQuantizer(nn.Module):
     @property
     def uses_ema(self) -> bool:
         return self.ema is not None
+
+    def pop_events(self) -> list[MaintenanceEvent]:
+        """The maintenance events since the last call, oldest first."""
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def describe_schedule(self) -> list[str]:
+        """What keeps this codebook alive and when, one line per part (printed at the start of a
+        run; steps are the quantizer's training forwards)."""
+        k, d = self.codebook_size, self.codebook_dim
+        lines = [f"codebook: {k} codes of dimension {d}, {self.distance} distance"]
+        if self.ema is not None:
+            lines.append(self.ema.describe(self))
+        else:
+            lines.append(
+                f"gradient codebook: codebook loss weight {self.codebook_weight:g}, commitment "
+                f"weight {self.commitment_weight:g}"
+            )
+        lines += [m.describe(self) for m in self.maintenance]
+        if not self.maintenance:
+            lines.append("no codebook maintenance (no k-means, re-estimation or restart)")
+        return lines
 
     def effective_codebook(self) -> Tensor:
         """The codes as used for assignment (normalized in cosine mode), in fp32."""

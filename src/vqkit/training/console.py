@@ -1,0 +1,293 @@
+"""What a person sees during a run: vqkit's log records on the console (rich) and in the run
+folder's ``vqkit.log``, and a callback that tells the codebook's story as it happens.
+
+The library only logs (``logging.getLogger("vqkit...")``); :func:`setup_logging` is what the
+``vqkit`` command calls to show those records. :class:`ConsoleLog` is the callback every
+``vqkit fit`` carries: the maintenance schedule at the start, each k-means and a summary of the
+dead-code restarts as they happen, a codebook health line at each validation, the same events as
+TensorBoard scalars and text, and the skipped image files listed in ``skipped_files.txt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import IO
+
+import lightning as L
+
+from .callbacks import run_dir
+
+log = logging.getLogger("vqkit.training")
+
+LEVEL_ENV = "VQKIT_LOG_LEVEL"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def resolve_level(value: str | int | None = None) -> int:
+    """A logging level from ``value``, else ``$VQKIT_LOG_LEVEL``, else INFO."""
+    if value is None:
+        value = os.environ.get(LEVEL_ENV) or "INFO"
+    if isinstance(value, int):
+        return value
+    name = str(value).strip().upper()
+    if name.isdigit():
+        return int(name)
+    if name not in LEVELS:
+        raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LEVELS)}")
+    return logging.getLevelName(name)
+
+
+class _FirstProcess(logging.Filter):
+    """Every DDP process runs the command; only the first one speaks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        return getattr(rank_zero_only, "rank", 0) == 0
+
+
+class RunLogFile(logging.Handler):
+    """Holds records until the run folder is known (the data module logs before it is), then
+    writes them and every later one to ``vqkit.log`` there."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.path: Path | None = None
+        self._pending: list[logging.LogRecord] = []
+        self._stream: IO[str] | None = None
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._stream is None:
+            if len(self._pending) < self.capacity:
+                self._pending.append(record)
+            return
+        try:
+            self._stream.write(self.format(record) + "\n")
+            self._stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the run
+            self.handleError(record)
+
+    def open(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path`` (appending: a resumed run continues its file) from now on."""
+        path = Path(path)
+        if self._stream is not None and self.path == path:
+            return path
+        self.close_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+        self.path = path
+        pending, self._pending = self._pending, []
+        for record in pending:
+            self.emit(record)
+        return path
+
+    def close_file(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = None
+
+    def close(self) -> None:
+        self.close_file()
+        super().close()
+
+
+def setup_logging(level: str | int | None = None) -> RunLogFile:
+    """Show the ``vqkit`` logger's records on stderr (rich) at ``level`` (default
+    ``$VQKIT_LOG_LEVEL`` or INFO), from the first process only, and keep them for a run folder's
+    ``vqkit.log`` (:func:`run_log_file`). Calling it again replaces the handlers it added."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    lvl = resolve_level(level)
+    logger = logging.getLogger("vqkit")
+    for h in list(logger.handlers):
+        if getattr(h, "_vqkit_cli", False):
+            logger.removeHandler(h)
+            h.close()
+    console = RichHandler(
+        console=Console(stderr=True),
+        show_path=False,
+        markup=False,
+        rich_tracebacks=False,
+        log_time_format="[%X]",
+    )
+    file = RunLogFile()
+    for h in (console, file):
+        h.setLevel(lvl)
+        h.addFilter(_FirstProcess())
+        h._vqkit_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+    logger.setLevel(lvl)
+    return file
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """Drop what every run printed and no user acts on: Lightning's cloud-logging tip and its
+    own ``_pytree`` deprecation warning."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in lightning_log.filters):
+        lightning_log.addFilter(_NoTips())
+
+
+def run_log_file() -> RunLogFile | None:
+    """The :class:`RunLogFile` that :func:`setup_logging` attached, if any."""
+    for h in logging.getLogger("vqkit").handlers:
+        if isinstance(h, RunLogFile):
+            return h
+    return None
+
+
+def _fmt(value: float, spec: str) -> str:
+    return format(value, spec) if value == value else "nan"
+
+
+class ConsoleLog(L.Callback):
+    """Tells the codebook's story on the console, in ``vqkit.log`` and in TensorBoard.
+
+    Args:
+        log_file: name of the log in the run folder (None: no file).
+        skipped_files: name of the list of skipped image files in the run folder.
+        restart_summary_every: steps between the one-line summaries of dead-code restarts
+            (each restart is a DEBUG line of its own).
+    """
+
+    def __init__(
+        self,
+        log_file: str | None = "vqkit.log",
+        skipped_files: str = "skipped_files.txt",
+        restart_summary_every: int = 100,
+    ) -> None:
+        super().__init__()
+        if restart_summary_every < 1:
+            raise ValueError(f"restart_summary_every must be >= 1, got {restart_summary_every}")
+        self.log_file = log_file
+        self.skipped_files = skipped_files
+        self.restart_summary_every = restart_summary_every
+        self._restarts: list = []
+        self._opened: RunLogFile | None = None
+
+    # -------------------------------------------------------------------------------- start
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        folder = run_dir(trainer)  # a broadcast under DDP: every process asks
+        if trainer.global_rank != 0:
+            return
+        handler = run_log_file()
+        if handler is not None and self.log_file:
+            self._opened = handler
+            log.info("run folder %s (log: %s)", folder, handler.open(folder / self.log_file))
+        quantizer = getattr(pl_module, "quantizer", None)
+        if quantizer is not None and hasattr(quantizer, "describe_schedule"):
+            acc = trainer.accumulate_grad_batches
+            note = f"; {acc} forwards per optimizer step" if acc > 1 else ""
+            log.info("codebook schedule (steps are training forwards%s):", note)
+            for line in quantizer.describe_schedule():
+                log.info("  %s", line)
+        self._write_skipped(trainer, folder)
+
+    def _write_skipped(self, trainer: L.Trainer, folder: Path) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        skipped = list(getattr(dm, "skipped", None) or [])
+        if not skipped:
+            return
+        path = folder / self.skipped_files
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
+        log.warning("%d image files skipped, all listed in %s", len(skipped), path)
+
+    # -------------------------------------------------------------------------------- events
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        quantizer = getattr(pl_module, "quantizer", None)
+        if quantizer is None or not hasattr(quantizer, "pop_events"):
+            return
+        events = quantizer.pop_events()  # every process drains its own list
+        if trainer.global_rank != 0:
+            return
+        for e in events:
+            if e.strategy == "dead-code restart":
+                self._restarts.append(e)
+                continue
+            key = "kmeans_init" if e.strategy == "k-means init" else "kmeans_reestimate"
+            metrics = {f"maintenance/{key}_codes_replaced": float(e.codes_replaced)}
+            if e.status == "done":
+                metrics[f"maintenance/{key}_ms"] = e.ms
+                if e.inertia is not None and e.inertia == e.inertia:
+                    metrics[f"maintenance/{key}_inertia"] = float(e.inertia)
+            self._to_loggers(trainer, metrics, e.message())
+        if trainer.global_step % self.restart_summary_every == 0:
+            self._summarize_restarts(trainer)
+
+    def _summarize_restarts(self, trainer: L.Trainer) -> None:
+        events, self._restarts = self._restarts, []
+        if not events:
+            return
+        codes = sum(e.codes_replaced for e in events)
+        mean = sum(e.usage_mean * e.codes_replaced for e in events) / max(codes, 1)
+        top = max(e.usage_max for e in events)
+        first, last = events[0].step, events[-1].step
+        where = f"step {first}" if first == last else f"steps {first}-{last}"
+        message = (
+            f"dead-code restarts at {where}: {codes} codes at {len(events)} steps; their EMA "
+            f"usage was {mean:.3g} on average, at most {top:.3g}"
+        )
+        log.info("%s", message)
+        self._to_loggers(trainer, {"maintenance/restarted_codes": float(codes)}, message)
+
+    @staticmethod
+    def _to_loggers(trainer: L.Trainer, metrics: dict, text: str) -> None:
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            exp = getattr(logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_text"):
+                exp.add_text("maintenance", text, step)
+
+    # -------------------------------------------------------------------------------- health
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if "val/used_codes" not in m:
+            return
+        k = getattr(getattr(pl_module, "quantizer", None), "codebook_size", None)
+        used = int(m["val/used_codes"])
+        line = (
+            f"validation at step {trainer.global_step}: {used}"
+            + (f"/{k}" if k else "")
+            + f" codes used ({_fmt(m.get('val/utilization', float('nan')), '.1%')}), "
+            f"perplexity {_fmt(m.get('val/perplexity', float('nan')), '.1f')}, "
+            f"normalized entropy {_fmt(m.get('val/normalized_entropy', float('nan')), '.3f')}, "
+            f"{int(m.get('val/dead_codes', 0))} dead"
+        )
+        if "val/l1" in m:
+            line += f"; L1 {m['val/l1']:.4f}"
+        if "val/psnr" in m:
+            line += f", PSNR {m['val/psnr']:.2f} dB"
+        log.info("%s", line)
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_text"):
+                exp.add_text("codebook_health", line, trainer.global_step)
+
+    # -------------------------------------------------------------------------------- end
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            self._summarize_restarts(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._opened is not None:
+            self._opened.close_file()
+            self._opened = None
