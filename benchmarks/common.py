@@ -65,9 +65,35 @@ def timeit(
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``platform.processor()`` is empty on
+    Linux), e.g. "AMD EPYC" or "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line naming the machine a figure was measured on: CPU model, cores, torch threads,
+    torch (and the GPU, if any)."""
+    info = machine_info()
+    line = (
+        f"{info['cpu_model']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads, "
+        f"torch {info['torch']}"
+    )
+    if "cuda_device" in info:
+        line += f", {info['cuda_device']}"
+    return line
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to compare numbers across machines."""
     info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -104,7 +130,8 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def update_benchmarks_md(section: str, markdown: str, path: str | Path = "BENCHMARKS.md") -> Path:
-    """Replace (or append) the ``section`` block of ``path`` with ``markdown``.
+    """Replace (or append) the ``section`` block of ``path`` with ``markdown``, headed by the
+    line that names the machine (:func:`machine_line`) and the date.
 
     A relative ``path`` is taken from the repository root, so the result does not depend on the
     directory the script was started from. Returns the path written.
@@ -115,7 +142,9 @@ def update_benchmarks_md(section: str, markdown: str, path: str | Path = "BENCHM
     if not p.is_absolute():
         p = REPO_ROOT / p
     begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
-    block = f"{begin}\n{markdown.strip()}\n{end}"
+    # Every section names the machine it was measured on, and when.
+    stamp = f"Measured on {machine_line()}, {time.strftime('%Y-%m-%d')}."
+    block = f"{begin}\n{stamp}\n\n{markdown.strip()}\n{end}"
     text = p.read_text() if p.exists() else _HEADER
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):

@@ -1,6 +1,7 @@
 """What a person sees: the console tells the codebook's story (issue "A fresh clone passes on
 any machine, and the console tells the codebook's story")."""
 
+import json
 import logging
 import os
 import subprocess
@@ -169,6 +170,9 @@ def test_run_folder_log_skipped_list_and_tensorboard(tiny_run):
         "validation at step 16: ",
     ):
         assert line in log, line
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["skipped_images"] == 2 and summary["steps"] == 16
+    assert " cores, " in summary["machine"] and "torch " in summary["machine"]
     skipped = (folder / "skipped_files.txt").read_text().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in skipped) == ["broken.png", "empty.jpg"]
     assert all(line.split("\t")[1] for line in skipped)  # each with its reason

@@ -198,3 +198,28 @@ def test_ddp_prior_fit_shards_grids_and_keeps_processes_identical(tmp_path):
         torch.testing.assert_close(v, b["state"][k], rtol=0, atol=0, msg=k)
     assert a["val_nll"] == b["val_nll"]  # synced over the two processes' validation shards
     assert len(list(out.rglob("last.ckpt"))) == 1
+
+
+TINY = TESTS / "configs" / "quickstart_tiny.yaml"
+
+
+def test_ddp_gradient_mode_through_warmup_and_maintenance(folder, tmp_path):
+    """A gradient-mode codebook (no EMA) under plain DDP: during the warm-up the codebook takes
+    no part in the loss, which DDP rejects unless every parameter still gets a gradient."""
+    import yaml
+
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"]["model"]["init_args"]["quantizer"]["init_args"]["ema"] = None
+    config = tmp_path / "tiny_gradient.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    _fit_ddp(folder, tmp_path / "run", tmp_path / "probe", 8, config=config)
+    a, b = _load(tmp_path / "probe")
+    assert a["global_step"] == b["global_step"] == 8
+    q = "model.quantizer."
+    # the events happened: 4 warm-up steps, k-means init at step 4, re-estimation at step 6
+    assert int(a["state"][q + "step"]) == 8
+    assert bool(a["state"][q + "maintenance.0.done"])
+    assert int(a["state"][q + "num_replacements"]) >= 2
+    assert isinstance(a["state"][q + "codebook"], torch.Tensor)
+    for k in a["state"].keys() - {q + "usage.eval_counts"}:
+        assert torch.equal(a["state"][k], b["state"][k]), k

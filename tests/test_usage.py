@@ -61,3 +61,30 @@ def test_collapse_is_visible_in_batch_figures_not_hidden_by_ema():
     vq(x)
     assert vq.usage.stats("batch").used_codes <= 2
     assert vq.usage.ema_stats(threshold=1).codes_above_threshold == 64
+
+
+def test_warmup_counts_nothing_and_restarts_keep_the_window():
+    """Warm-up assignments are used by nothing: no horizon counts them. A code replacement zeroes
+    that code's window count but the window goes on (frequent restarts used to reset it)."""
+    from vqkit import DeadCodeRestart, KMeansInit, VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(
+        4,
+        16,
+        maintenance=[KMeansInit(warmup_steps=3, reservoir_size=64), DeadCodeRestart(threshold=5)],
+    ).train()
+    for _ in range(3):
+        out = vq(torch.randn(32, 4))
+        assert out.passthrough
+    u = vq.usage
+    assert int(u.window_forwards) == 0 and int(u.window_counts.sum()) == 0
+    assert not bool(u.ema_started)
+    restarted = 0
+    for i in range(4):
+        out = vq(torch.randn(32, 4))
+        assert not out.passthrough
+        restarted += sum(e.codes_replaced for e in vq.pop_events() if "restart" in e.strategy)
+        assert int(u.window_forwards) == i + 1  # the restarts did not reset it
+    assert restarted > 0  # threshold 5 with 32 tokens over 16 codes: restarts every step
+    assert int(u.window_counts.sum()) <= 4 * 32

@@ -31,6 +31,7 @@ class VQModelOutput:
     vq_losses: dict[str, Tensor] = field(default_factory=dict)
     used_codes: Tensor | None = None
     perplexity: Tensor | None = None
+    passthrough: bool = False  # a quantizer warm-up step: the codes were not used
 
 
 class VQModel(nn.Module):
@@ -92,6 +93,7 @@ class VQModel(nn.Module):
             vq_losses=q.losses,
             used_codes=q.used_codes,
             perplexity=q.perplexity,
+            passthrough=q.passthrough,
         )
 
     @torch.no_grad()

@@ -31,6 +31,8 @@ class QuantizerOutput:
 
     ``losses`` holds the weighted terms, so ``loss == sum(losses.values())``. ``used_codes`` and
     ``perplexity`` describe this batch (summed over processes in training under DDP).
+    ``passthrough`` is True on a warm-up step: the input went through unquantized, so the
+    indices were assigned but used by nothing (and not counted in the usage statistics).
     """
 
     quantized: Tensor
@@ -39,6 +41,7 @@ class QuantizerOutput:
     losses: dict[str, Tensor] = field(default_factory=dict)
     used_codes: Tensor | None = None
     perplexity: Tensor | None = None
+    passthrough: bool = False
 
 
 class _MSETo(torch.autograd.Function):
@@ -300,7 +303,7 @@ class VectorQuantizer(nn.Module):
         flat, lead = self._flatten(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = self._quantize(flat.float() if flat.dtype != torch.float32 else flat)
-        quantized, indices, loss, losses, used, ppl = out
+        quantized, indices, loss, losses, used, ppl, passthrough = out
         quantized = self._unflatten(quantized.to(x.dtype), lead)
         return QuantizerOutput(
             quantized=quantized,
@@ -309,6 +312,7 @@ class VectorQuantizer(nn.Module):
             losses=losses,
             used_codes=used,
             perplexity=ppl,
+            passthrough=passthrough,
         )
 
     def _quantize(self, flat: Tensor):  # noqa: ANN202
@@ -340,7 +344,9 @@ class VectorQuantizer(nn.Module):
         counts, sums = self._batch_stats(zd, indices, with_sums=training and self.uses_ema)
         if training:
             self._last_tokens = int(counts.sum().item()) if D.is_distributed() else z.shape[0]
-            self.usage.update_train(counts.long())
+            if not passthrough:
+                # a warm-up step's assignments are used by nothing: they count for no code
+                self.usage.update_train(counts.long())
             if self.ema is not None and not passthrough:
                 self.ema.update(self, counts, sums)
                 codes = self.effective_codebook()
@@ -352,6 +358,10 @@ class VectorQuantizer(nn.Module):
             # VQFR's warm-up: the decoder sees the encoder's output unquantized while the
             # reservoir fills; no VQ loss since there is no code to commit to yet.
             quantized, losses = z, {}
+            if not self.uses_ema and torch.is_grad_enabled():
+                # A gradient codebook must still be in the graph (with a zero gradient): DDP
+                # fails on a parameter that produced no gradient in a step.
+                losses["codebook"] = 0.0 * self.codebook.sum()
         else:
             q = F.embedding(indices, codes)
             qd = q.detach()
@@ -378,7 +388,7 @@ class VectorQuantizer(nn.Module):
         used = (counts > 0).sum()
         p = counts / counts.sum().clamp_min(1)
         ppl = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-        return self.project_out(quantized), indices, loss, losses, used, ppl
+        return self.project_out(quantized), indices, loss, losses, used, ppl, passthrough
 
     def _batch_stats(self, z: Tensor, indices: Tensor, *, with_sums: bool):
         """Per-code counts (and sums of assigned vectors for EMA), summed over processes in

@@ -5,8 +5,10 @@ two codes. Here every figure says which horizon it counts over, and a figure der
 sizes is never called utilization:
 
 - ``batch``:  the codes the last training forward assigned (summed over processes under DDP);
-- ``window``: training assignments since the window was last reset (by ``reset_window()``, by any
-  codebook reset, or automatically every ``window_steps`` forwards when that is set);
+  warm-up forwards, whose input passes through unquantized, count in no horizon;
+- ``window``: training assignments since the window was last reset (by ``reset_window()``, or
+  automatically every ``window_steps`` forwards when that is set); a replaced code's count
+  restarts at 0, the window goes on;
 - ``eval``:   assignments made in eval mode only, as VQFR counts usage in validation;
 - ``ema``:    an exponential moving average of per-batch counts (what dead-code restart reads).
 """
@@ -169,6 +171,8 @@ class CodeUsage(nn.Module):
 
     @torch.no_grad()
     def on_codes_replaced(self, mask: Tensor, ema_counts: Tensor) -> None:
-        """After a codebook reset: new EMA counts for the replaced codes; a fresh window."""
+        """After a codebook reset: new EMA counts for the replaced codes, and their window counts
+        zeroed (that use belonged to the old vectors). The window itself goes on, so frequent
+        restarts cannot keep it from ever reaching its length."""
         self.ema_counts[mask] = ema_counts[mask].to(self.ema_counts.dtype)
-        self.reset_window()
+        self.window_counts[mask] = 0

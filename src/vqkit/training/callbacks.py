@@ -25,6 +25,33 @@ SUMMARY_KEYS = {
 }
 
 
+def machine() -> str:
+    """The machine a run's figures come from: CPU model, cores, torch threads, torch, GPU."""
+    import os
+
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if not cpu:
+        import platform
+
+        cpu = platform.processor() or platform.machine()
+    line = (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
+    if torch.cuda.is_available():
+        line += f", {torch.cuda.get_device_name()}"
+    return line
+
+
 def run_dir(trainer: L.Trainer) -> Path:
     """The folder of this run: the logger's version folder, else the trainer's root dir."""
     d = trainer.log_dir if trainer.logger is not None else None
@@ -62,6 +89,7 @@ class TrainingSummary(L.Callback):
             train_images=self._images,
             train_seconds=round(self._train_seconds, 3),
             images_per_second=self._images / self._train_seconds if self._train_seconds else 0.0,
+            machine=machine(),
         )
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "skipped_count"):
@@ -104,11 +132,13 @@ class TrainingSummary(L.Callback):
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in summary.items():
-            if k == "files":
+            if k in ("files", "machine"):
                 continue
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         console = Console()
         console.print(table)
+        if "machine" in summary:
+            console.print(f"machine: {summary['machine']}")
         for k, v in summary.get("files", {}).items():
             console.print(f"{k}: {v}")
 

@@ -110,10 +110,13 @@ class VQTokenizerModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=bs)
         k = self.quantizer.codebook_size
-        self.log(
-            "train/batch_utilization", out.used_codes.float() / k, prog_bar=True, batch_size=bs
-        )
-        self.log("train/batch_perplexity", out.perplexity, batch_size=bs)
+        # 0 while the quantizer warms up (input passed through): batch usage then means nothing
+        self.log("train/quantized", 0.0 if out.passthrough else 1.0, batch_size=bs)
+        if not out.passthrough:
+            self.log(
+                "train/batch_utilization", out.used_codes.float() / k, prog_bar=True, batch_size=bs
+            )
+            self.log("train/batch_perplexity", out.perplexity, batch_size=bs)
         self.log("train/lr", self._generator_optimizer().param_groups[0]["lr"], batch_size=bs)
         usage = self.quantizer.usage
         if int(usage.window_forwards) >= self.hparams.usage_window_steps:
