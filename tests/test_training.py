@@ -389,3 +389,37 @@ def test_find_last_checkpoint_searches_every_layout_and_takes_the_newest(tmp_pat
     assert find_last_checkpoint(trainer) == no_logger
     trainer.logger, trainer.checkpoint_callbacks = None, []
     assert find_last_checkpoint(trainer) == no_logger
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_schedules_replace_the_whole_codebook_once_at_init(
+    config, folder, tmp_path, lpips_env
+):
+    """Every shipped config's quantizer, its schedule scaled down by 100: exactly one
+    whole-codebook replacement, by k-means init at its init step (the anime configs used to run a
+    dead-mode re-estimation on the same step, which found every code dead and replaced them all
+    a second time), and re-estimations after it only re-place what went unused."""
+    from vqkit import KMeansInit, KMeansReestimate
+
+    cli = build_cli(["--config", str(config), *tiny_args(folder, tmp_path)], run=False)
+    q = cli.model.quantizer.train()
+    k = q.codebook_size
+    init = next(m for m in q.maintenance if isinstance(m, KMeansInit))
+    init.warmup_steps //= 100
+    every = 1
+    for m in q.maintenance:
+        if isinstance(m, KMeansReestimate):
+            m.every, m.until = max(m.every // 100, 1), max(m.until // 100, 2)
+            every = max(every, m.every)
+    torch.manual_seed(0)
+    events = []
+    tokens = k // max(init.warmup_steps, 1) + 64  # enough for k-means at every event
+    # through the init step and the first re-estimation after it
+    for _ in range(init.warmup_steps + every + 1):
+        q(torch.randn(tokens, q.dim, 1))  # (B, D, L) tokens, channel-first as configured
+        events += q.pop_events()
+    whole = [e for e in events if e.codes_replaced == k]
+    assert [(e.strategy, e.step) for e in whole] == [("k-means init", init.warmup_steps)]
+    at_init = [e for e in events if e.step == init.warmup_steps and e.strategy != "k-means init"]
+    assert all(e.codes_replaced < k for e in at_init), at_init
+    assert any(e.strategy == "k-means re-estimation" for e in events)  # they did run

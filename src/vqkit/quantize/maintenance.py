@@ -295,7 +295,9 @@ class KMeansReestimate(Maintenance):
     re-estimation and re-places only the others: new centers are seeded by k-means++ among the
     reservoir vectors the live codes serve worst, then refined by Lloyd steps in which the live
     codes stay frozen. Runs at steps ``every, 2*every, ...`` below ``until``; the reservoir
-    fills on every training step below ``until``.
+    fills on every training step below ``until``. A scheduled step with no quantized step
+    since quantization began (or since the last re-estimation) is skipped: during a
+    ``KMeansInit`` warm-up and on its init step every code would look dead.
     """
 
     def __init__(
@@ -339,6 +341,8 @@ class KMeansReestimate(Maintenance):
             quantizer, self.reservoir_size, "KMeansReestimate", dtype, device, self.seed
         )
         self.register_buffer("counts_since", torch.zeros(quantizer.codebook_size, dtype=torch.long))
+        # quantized training forwards counted in counts_since: 0 before quantization begins
+        self.register_buffer("counted_steps", torch.zeros((), dtype=torch.long))
 
     def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
         step = quantizer.current_step
@@ -346,14 +350,24 @@ class KMeansReestimate(Maintenance):
             return False
         self.reservoir.add(z)
         if step > 0 and step % self.every == 0:
-            self.reestimate(quantizer, step, _tokens_per_step(quantizer, z))
+            if int(self.counted_steps) == 0:
+                # Nothing was quantized since quantization began or since the last
+                # re-estimation: on the k-means init step (or during the warm-up) every code
+                # would look dead, and a second k-means would overwrite the first.
+                detail = "no quantized step yet (warm-up, or k-means init at this step)"
+                event = MaintenanceEvent(step, "k-means re-estimation", "skipped", detail=detail)
+                _emit(quantizer, event)
+            else:
+                self.reestimate(quantizer, step, _tokens_per_step(quantizer, z))
         return False
 
     def after_assign(
         self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
-        if self.mode == "dead" and quantizer.current_step < self.until:
-            self.counts_since.add_(counts.long())
+        if quantizer.current_step < self.until:
+            self.counted_steps.add_(1)
+            if self.mode == "dead":
+                self.counts_since.add_(counts.long())
 
     @torch.no_grad()
     def reestimate(self, quantizer: VectorQuantizer, step: int, tokens_per_step: int) -> int:
@@ -411,8 +425,17 @@ class KMeansReestimate(Maintenance):
         res = kmeans(x, k, init=codes, frozen=~dead, iters=self.iters, seed=seed)
         return res.centers, torch.bincount(res.assignments, minlength=k).float(), res.inertia
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        key = prefix + "counted_steps"
+        if key not in state_dict and prefix + "counts_since" in state_dict:
+            # a checkpoint from before counted_steps: it counted if any code was counted
+            counted = state_dict[prefix + "counts_since"].sum() > 0
+            state_dict[key] = counted.to(torch.long).reshape(())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _after(self, quantizer: VectorQuantizer) -> None:
         self.counts_since.zero_()
+        self.counted_steps.zero_()
         if self.reset_reservoir:
             self.reservoir.reset()
 
