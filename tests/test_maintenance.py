@@ -1,3 +1,4 @@
+import copy
 import logging
 
 import pytest
@@ -33,13 +34,20 @@ def test_kmeans_init_warmup_passthrough_then_centers():
         assert torch.equal(out.quantized, x), "warm-up must pass inputs through"
         assert out.loss.item() == 0.0
     assert not vq.maintenance[0].is_done()
-    reservoir = vq.maintenance[0].reservoir.contents().clone()
+    # What k-means will see at step 3: the reservoir after this step's batch is added (a copy
+    # with the same random stream).
+    twin = copy.deepcopy(vq.maintenance[0].reservoir)
+    twin.add(data[300:400])
+    ref = kmeans(twin.contents(), 16, iters=50, seed=0 + 3)  # seeded by seed + step
+    ema_update = vq.ema.update
+    vq.ema.update = lambda *args: None  # this step's EMA move would hide the centers
     out = vq(data[300:400])
+    vq.ema.update = ema_update
     assert vq.maintenance[0].is_done()
-    # The codebook is the k-means of the reservoir (seeded by seed + step).
-    ref = kmeans(torch.cat([reservoir[:0], reservoir]), 16, iters=50, seed=0 + 3)
-    assert ref.centers.shape == (16, 4)
-    assert not torch.equal(out.quantized, data[300:400])
+    # The codebook is the k-means of the reservoir, and this step already quantized with it.
+    torch.testing.assert_close(vq.codebook, ref.centers)
+    assert not out.passthrough and not torch.equal(out.quantized, data[300:400])
+    assert torch.equal(out.quantized, ref.centers[out.indices])
     # EMA stats of all codes were set consistently: code == embed_sum / cluster_size.
     torch.testing.assert_close(
         vq.ema.embed_sum / vq.ema.cluster_size[:, None], vq.codebook, rtol=1e-5, atol=1e-6

@@ -346,3 +346,10 @@ def test_jsonargparse_builds_nested_modules() -> None:
     bad = {"class_path": "vqkit.models.ResNetVQModel", "init_args": {"base_channel": 8}}
     with pytest.raises(jsonargparse.ArgumentError, match="base_channel"):
         parser.parse_object({"model": bad})
+
+
+def test_resnet_defaults_are_the_seed_plan_256px_model() -> None:
+    # the docstring's promise: 256 px -> 16x16 tokens (the defaults once gave down factor 8)
+    model = ResNetVQModel(VectorQuantizer(256, 1024, channel_first=True))
+    assert model.token_grid(256) == (16, 16)
+    assert model.encoder.down_factor == 16

@@ -19,6 +19,24 @@ def test_entropy_penalty_hand_computation():
     assert val.item() == pytest.approx(h_tok - h_avg, rel=1e-5)
 
 
+def _train_collapsed_codebook(regularizers) -> int:
+    """Codes used after training a codebook that starts collapsed: one code at the data, seven
+    far away (unused, so the codebook loss never moves them)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 8, regularizers=regularizers).train()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.full((8, 4), 4.0))
+        vq.codebook[0] = 0.0
+    opt = torch.optim.Adam(vq.parameters(), lr=0.05)
+    for _ in range(150):
+        out = vq(torch.randn(128, 4))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    vq.eval()
+    return int((vq(torch.randn(4096, 4)).indices.bincount(minlength=8) > 0).sum())
+
+
 def test_entropy_penalty_in_losses_and_spreads_codes():
     torch.manual_seed(0)
     reg = EntropyPenalty(weight=0.5, temperature=0.5)
@@ -28,6 +46,9 @@ def test_entropy_penalty_in_losses_and_spreads_codes():
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.losses.values()), rel=1e-6)
     out.loss.backward()
     assert vq.codebook.grad is not None
+    # ... and it spreads: without it the collapsed codebook stays at one code
+    assert _train_collapsed_codebook([]) == 1
+    assert _train_collapsed_codebook([EntropyPenalty(weight=1.0, temperature=8.0)]) >= 6
 
 
 def test_entropy_penalty_errors():

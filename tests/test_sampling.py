@@ -113,7 +113,7 @@ def fitted(tmp_path_factory):
     from tests.test_training import fit_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sample_fit")
-    return fit_tiny_checkpoint(root, "--trainer.val_check_interval=3")
+    return fit_tiny_checkpoint(root)
 
 
 def test_cli_samples_and_edits(fitted, tmp_path, capsys):

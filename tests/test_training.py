@@ -94,7 +94,14 @@ def test_fast_dev_run_of_every_config(config, folder, tmp_path, lpips_env):
     if "VQGANModule" in config.read_text():
         # the second step trains the discriminator too
         args.append("--model.adversarial.init_args.disc_start=1")
-    main(["fit", "--config", str(config), *args, f"{res}={size}", "--trainer.fast_dev_run=2"])
+    cli = build_cli(
+        ["fit", "--config", str(config), *args, f"{res}={size}", "--trainer.fast_dev_run=2"]
+    )
+    # it trained: two optimizer steps with a finite loss, the quantizer saw them
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.model.quantizer.current_step >= 2
+    assert cli.trainer.state.finished
 
 
 def test_misspelled_key_fails_at_parse_time_with_its_name(folder, tmp_path, capsys):
@@ -137,12 +144,21 @@ def tiny_fit_args(folder: Path, out: Path, steps: int, *extra: str) -> list[str]
     ]
 
 
-def fit_tiny_checkpoint(root: Path, *extra: str, steps: int = 3) -> tuple[Path, Path]:
-    """``last.ckpt`` of a ``steps``-step `vqkit fit` of the shrunk quickstart on a 16-image
-    folder made under ``root``, and that folder."""
+TINY = Path(__file__).resolve().parent / "configs" / "quickstart_tiny.yaml"
+
+
+def fit_tiny_checkpoint(root: Path, *extra: str, steps: int = 6) -> tuple[Path, Path]:
+    """``last.ckpt`` of a ``steps``-step `vqkit fit` of the tests' tiny quickstart
+    (``tests/configs/quickstart_tiny.yaml``: k-means init at step 4, so the checkpoint has
+    quantized and holds a training usage history) on a 16-image folder made under ``root``,
+    validated every 3 steps, and that folder."""
     folder = make_folder(root / "images", n=16)
-    main(tiny_fit_args(folder, root / "run", steps, *extra))
-    return next((root / "run").rglob("last.ckpt")), folder
+    argv = ["fit", "--config", str(TINY), *tiny_args(folder, root / "run")]
+    main([*argv, f"--trainer.max_steps={steps}", "--trainer.val_check_interval=3", *extra])
+    ckpt = next((root / "run").rglob("last.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert bool(state["model.quantizer.maintenance.0.done"])  # k-means init ran
+    return ckpt, folder
 
 
 class StopAt(L.Callback):

@@ -115,7 +115,8 @@ class ResNetVQModel(VQModel):
     """A ``VQModel`` whose encoder and decoder mirror each other and share every shape argument,
     so a config names each shape once (``class_path: vqkit.models.ResNetVQModel``).
 
-    Defaults are the seed plan's 256px model (down factor 16 -> 16x16 tokens). The quickstart
+    Defaults are the seed plan's 256px model: five channel multipliers, down factor 16 -> 16x16
+    tokens (``configs/vqvae_anime.yaml`` adds attention at 16x16). The quickstart
     (32px -> 8x8 tokens, 2 CPU cores) is ``resolution=32, base_channels=32,
     channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=64``; see ``configs/quickstart.yaml``
     and ``benchmarks/bench_model_step.py``.
@@ -127,7 +128,7 @@ class ResNetVQModel(VQModel):
         *,
         resolution: int = 256,
         base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 2, 4),
+        channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
         num_res_blocks: int = 2,
         attn_resolutions: Sequence[int] = (),
         z_channels: int = 256,
