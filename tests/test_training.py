@@ -12,6 +12,10 @@ from PIL import Image
 from vqkit.cli import build_cli, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+# the quickstart shrunk so that k-means init (step 4), dead-mode re-estimations (steps 6 and 12)
+# and dead-code restarts all happen inside a 16-step run
+TINY = Path(__file__).resolve().parent / "configs" / "quickstart_tiny.yaml"
 CPU = [
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",
@@ -131,30 +135,24 @@ def test_missing_data_folder_errors_before_training(tmp_path):
 
 
 def tiny_fit_args(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    """`vqkit fit` of the shrunk quickstart on ``folder`` for ``steps`` steps into ``out``."""
+    """`vqkit fit` of the tests' tiny quickstart (k-means init at step 4, re-estimations at 6
+    and 12, restarts) on ``folder`` for ``steps`` steps into ``out``."""
     return [
         "fit",
         "--config",
-        str(QUICKSTART),
+        str(TINY),
         *tiny_args(folder, out),
-        *quick_overrides(),
         f"--trainer.max_steps={steps}",
-        "--model.warmup_steps=1",
         *extra,
     ]
 
 
-TINY = Path(__file__).resolve().parent / "configs" / "quickstart_tiny.yaml"
-
-
 def fit_tiny_checkpoint(root: Path, *extra: str, steps: int = 6) -> tuple[Path, Path]:
-    """``last.ckpt`` of a ``steps``-step `vqkit fit` of the tests' tiny quickstart
-    (``tests/configs/quickstart_tiny.yaml``: k-means init at step 4, so the checkpoint has
-    quantized and holds a training usage history) on a 16-image folder made under ``root``,
-    validated every 3 steps, and that folder."""
+    """``last.ckpt`` of a ``steps``-step `vqkit fit` of the tests' tiny quickstart (past its
+    k-means init at step 4, so the checkpoint has quantized and holds a training usage history)
+    on a 16-image folder made under ``root``, validated every 3 steps, and that folder."""
     folder = make_folder(root / "images", n=16)
-    argv = ["fit", "--config", str(TINY), *tiny_args(folder, root / "run")]
-    main([*argv, f"--trainer.max_steps={steps}", "--trainer.val_check_interval=3", *extra])
+    main(tiny_fit_args(folder, root / "run", steps, "--trainer.val_check_interval=3", *extra))
     ckpt = next((root / "run").rglob("last.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert bool(state["model.quantizer.maintenance.0.done"])  # k-means init ran
@@ -172,25 +170,22 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
 def _config(tmp: Path, every: int) -> Path:
-    """The quickstart config with a periodic checkpoint every ``every`` steps (save_last)."""
+    """The tiny quickstart with a periodic checkpoint every ``every`` steps (save_last)."""
     import yaml
 
-    cfg = yaml.safe_load(QUICKSTART.read_text())
+    cfg = yaml.safe_load(TINY.read_text())
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in cb.get(
             "init_args", {}
         ):
             cb["init_args"].update(every_n_train_steps=every, save_last=True)
-    path = tmp / f"quickstart_every{every}.yaml"
+    path = tmp / f"quickstart_tiny_every{every}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _fit(folder: Path, out: Path, steps: int, *extra: str, config: Path = QUICKSTART) -> None:
+def _fit(folder: Path, out: Path, steps: int, *extra: str, config: Path = TINY) -> None:
     main(
         [
             "fit",
@@ -209,10 +204,18 @@ def _fit(folder: Path, out: Path, steps: int, *extra: str, config: Path = QUICKS
 
 @pytest.mark.slow
 def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path):
-    _fit(folder, tmp_path, 60, "--model.lr=0.002", "--model.usage_window_steps=20")
+    _fit(
+        folder,
+        tmp_path,
+        60,
+        "--model.lr=0.002",
+        "--model.usage_window_steps=20",
+        "--trainer.log_every_n_steps=1",
+    )
     runs = sorted(tmp_path.glob("tensorboard/version_*"))
     summary = json.loads((runs[-1] / "summary.json").read_text())
     assert summary["steps"] == 60
+
     assert summary["codebook_size"] == 64
     assert 0 < summary["utilization"] <= 1
     for name in ("reconstructions.png", "code_usage.png"):
@@ -220,6 +223,9 @@ def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(runs[-1])).Reload()
+    # It quantized: warm-up until k-means init at step 4, quantized after.
+    quantized = [e.value for e in acc.Scalars("train/quantized")]
+    assert quantized[0] == 0.0 and quantized[-1] == 1.0, quantized
     # Held-out reconstruction error falls (train loss on batches of 4 is too noisy to compare).
     val = [e.value for e in acc.Scalars("val/l1")]
     assert len(val) == 6 and val[-1] < 0.95 * val[0], val
@@ -231,9 +237,7 @@ def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path)
     from vqkit.training import VQTokenizerModule, load_model, load_tokenizer
 
     ckpt = next(tmp_path.rglob("best-*.ckpt"))
-    cli = build_cli(
-        ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path), *quick_overrides()], run=False
-    )
+    cli = build_cli(["--config", str(TINY), *tiny_args(folder, tmp_path)], run=False)
     module: VQTokenizerModule = cli.model
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     module.load_state_dict(state)
@@ -248,8 +252,7 @@ def test_short_training_lowers_loss_writes_summary_and_reloads(folder, tmp_path)
     again = load_tokenizer(
         ckpt,
         model=build_cli(
-            ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path), *quick_overrides()],
-            run=False,
+            ["--config", str(TINY), *tiny_args(folder, tmp_path)], run=False
         ).model.model,
     )
     with torch.no_grad():
@@ -275,7 +278,15 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(folder, tmp_path):
     _fit(folder, part / "resumed", 14, f"--ckpt_path={ck}", config=config)
     a = torch.load(next(whole.rglob("periodic-step=14.ckpt")), weights_only=False)
     b = torch.load(next((part / "resumed").rglob("periodic-step=14.ckpt")), weights_only=False)
+    mid = torch.load(ck, weights_only=False)["state_dict"]
     assert a["global_step"] == b["global_step"] == 14
+    # The events happened: k-means init (step 4) and a re-estimation (step 6) before the
+    # checkpoint at step 7, and codes replaced after it (the re-estimation at 12, restarts).
+    q = "model.quantizer."
+    assert bool(mid[q + "maintenance.0.done"])
+    assert int(mid[q + "num_replacements"]) >= 2
+    assert int(a["state_dict"][q + "num_replacements"]) > int(mid[q + "num_replacements"])
+    assert not torch.equal(a["state_dict"][q + "codebook"], mid[q + "codebook"])
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=k)
 
@@ -357,14 +368,19 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, capsys):
     assert len(list((tmp_path / "run").rglob("last.ckpt"))) == 2  # version_0 and version_1
     explicit = fit(tmp_path / "explicit", 6, f"--ckpt_path={first}")
     assert resumed["global_step"] == explicit["global_step"] == 6
+    # the first run stopped in the warm-up; k-means init (step 4) ran after the resume, from
+    # the resumed reservoir
+    q = "model.quantizer."
+    assert not bool(torch.load(first, weights_only=False)["state_dict"][q + "maintenance.0.done"])
+    assert bool(resumed["state_dict"][q + "maintenance.0.done"])
     for k, v in explicit["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=k)
     # validate takes the same "last" (the resumed run's, now the newest), or fails naming it
-    base = ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path / "run"), *quick_overrides()]
+    base = ["--config", str(TINY), *tiny_args(folder, tmp_path / "run")]
     main(["validate", *base, "--ckpt_path=last"])
     second = next((tmp_path / "run").rglob("version_1/checkpoints/last.ckpt"))
     assert f"vqkit validate: using {second}" in capsys.readouterr().err
-    empty = ["--config", str(QUICKSTART), *tiny_args(folder, tmp_path / "none"), *quick_overrides()]
+    empty = ["--config", str(TINY), *tiny_args(folder, tmp_path / "none")]
     with pytest.raises(SystemExit):
         main(["validate", *empty, "--ckpt_path=last"])
     assert "--ckpt_path last: no last*.ckpt from a run under" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_training import QUICKSTART, make_folder, quick_overrides, tiny_args
+from tests.test_training import QUICKSTART, TINY, make_folder, quick_overrides, tiny_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 TESTS = Path(__file__).resolve().parent
@@ -42,7 +42,7 @@ def _fit_ddp(
     probe: Path,
     steps: int,
     *extra: str,
-    config: Path = QUICKSTART,
+    config: Path = TINY,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     probe.mkdir(parents=True, exist_ok=True)
@@ -84,6 +84,10 @@ def test_ddp_fit_shards_data_and_keeps_processes_identical(folder, tmp_path):
     a, b = _load(tmp_path / "probe")
     assert (a["world_size"], b["world_size"]) == (2, 2)
     assert a["global_step"] == b["global_step"] == 8
+    # the events happened: k-means init at step 4, a re-estimation at step 6 (and restarts)
+    q = "model.quantizer."
+    assert bool(a["state"][q + "maintenance.0.done"])
+    assert int(a["state"][q + "num_replacements"]) >= 2
     # Epoch 0: the two shards are disjoint halves of one permutation of the training set.
     sa, sb = set(a["shard_epoch0"]), set(b["shard_epoch0"])
     assert not sa & sb
@@ -116,6 +120,12 @@ def test_ddp_resume_matches_uninterrupted_run(folder, tmp_path):
     ck = next((tmp_path / "whole").rglob("p-step=5.ckpt"))
     _fit_ddp(folder, tmp_path / "resumed", tmp_path / "pr", 10, *periodic, f"--ckpt_path={ck}")
     whole, resumed = _load(tmp_path / "pw"), _load(tmp_path / "pr")
+    # the checkpoint at step 5 is past k-means init (step 4); the re-estimation at step 6 and
+    # any restarts after it ran in the resumed run
+    mid = torch.load(ck, weights_only=False)["state_dict"]
+    q = "model.quantizer."
+    assert bool(mid[q + "maintenance.0.done"])
+    assert int(whole[0]["state"][q + "num_replacements"]) > int(mid[q + "num_replacements"])
     for w, r in zip(whole, resumed, strict=True):
         assert r["global_step"] == 10
         # The resumed run trained on the same images in the same order after step 5.
@@ -198,9 +208,6 @@ def test_ddp_prior_fit_shards_grids_and_keeps_processes_identical(tmp_path):
         torch.testing.assert_close(v, b["state"][k], rtol=0, atol=0, msg=k)
     assert a["val_nll"] == b["val_nll"]  # synced over the two processes' validation shards
     assert len(list(out.rglob("last.ckpt"))) == 1
-
-
-TINY = TESTS / "configs" / "quickstart_tiny.yaml"
 
 
 def test_ddp_gradient_mode_through_warmup_and_maintenance(folder, tmp_path):

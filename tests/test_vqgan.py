@@ -407,6 +407,17 @@ def _vqgan_config(tmp: Path, every: int) -> Path:
     init["adversarial"]["init_args"]["discriminator"]["init_args"]["base_channels"] = 16
     init["perceptual"] = {"class_path": "tests.test_vqgan.FakePerceptual"}
     init["perceptual_weight"] = 0.5
+    # every maintenance event inside the run: k-means init at step 2, dead-mode re-estimation
+    # at steps 3 and 6, restarts
+    quantizer = init["model"]["init_args"]["quantizer"]["init_args"]
+    quantizer["maintenance"] = [
+        {"class_path": "vqkit.KMeansInit", "init_args": {"warmup_steps": 2, "reservoir_size": 256}},
+        {
+            "class_path": "vqkit.KMeansReestimate",
+            "init_args": {"every": 3, "until": 8, "reservoir_size": 256, "mode": "dead"},
+        },
+        {"class_path": "vqkit.DeadCodeRestart", "init_args": {"threshold": 0.5}},
+    ]
     path = tmp / f"vqgan_every{every}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -433,11 +444,16 @@ def test_resume_in_the_adversarial_phase_matches_an_uninterrupted_run(tmp_path):
     assert int(state4["state_dict"]["adversarial.disc_steps"]) == 2
     assert int(state4["state_dict"]["adversarial.lecam_updates"]) == 2
     assert len(state4["optimizer_states"]) == 2
+    q = "model.quantizer."
+    assert bool(state4["state_dict"][q + "maintenance.0.done"])  # k-means init at step 2
+    replaced4 = int(state4["state_dict"][q + "num_replacements"])
+    assert replaced4 >= 2  # ... and the re-estimation at step 3
     _fit(folder, part / "resumed", 8, f"--ckpt_path={ck}", config=config)
     a = torch.load(next(whole.rglob("periodic-step=8.ckpt")), weights_only=False)
     b = torch.load(next((part / "resumed").rglob("periodic-step=8.ckpt")), weights_only=False)
     assert a["global_step"] == b["global_step"] == 8
     assert int(a["state_dict"]["adversarial.disc_steps"]) == 6
+    assert int(a["state_dict"][q + "num_replacements"]) > replaced4  # re-estimation at step 6
     assert not any(k.startswith("perceptual.") for k in a["state_dict"])
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=k)
