@@ -87,6 +87,11 @@ def test_every_config_parses_and_instantiates(config, folder, tmp_path, lpips_en
     q = cli.model.quantizer
     assert q.codebook_size == 1024
     assert cli.datamodule.root == folder
+    if "anime" in config.stem:  # seed 004: VQ-VAE + LPIPS (phase 1) and VQ-GAN, weight 0.5
+        from vqkit.losses import LPIPS
+
+        assert isinstance(cli.model.perceptual, LPIPS)
+        assert cli.model.hparams.perceptual_weight == 0.5
 
 
 @pytest.mark.slow
@@ -455,3 +460,39 @@ def test_shipped_schedules_replace_the_whole_codebook_once_at_init(
     at_init = [e for e in events if e.step == init.warmup_steps and e.strategy != "k-means init"]
     assert all(e.codes_replaced < k for e in at_init), at_init
     assert any(e.strategy == "k-means re-estimation" for e in events)  # they did run
+
+
+def test_vqvae_module_perceptual_term():
+    """Seed 004 phase 1: the VQ-VAE module takes a frozen perceptual module; the term is in the
+    loss with its weight, the network stays frozen and in eval, and stays out of checkpoints."""
+    from tests.test_vqgan import FakePerceptual
+    from vqkit.models import ResNetVQModel
+    from vqkit.quantize import VectorQuantizer
+    from vqkit.training import VQTokenizerModule
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 16, channel_first=True)
+    model = ResNetVQModel(q, resolution=16, base_channels=8, channel_mult=(1, 2), z_channels=8)
+    fake = FakePerceptual()
+    module = VQTokenizerModule(model, perceptual=fake, perceptual_weight=0.5).train()
+    assert not fake.training and not any(p.requires_grad for p in fake.parameters())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = module.model(x)
+    total, terms = module._reconstruction_terms(x, out)
+    expected = 0.5 * fake(out.reconstructions, x).mean()
+    torch.testing.assert_close(terms["perceptual"], expected)
+    without = VQTokenizerModule(model)._reconstruction_terms(x, out)[0]
+    torch.testing.assert_close(total, without + expected)
+    assert not any(k.startswith("perceptual.") for k in module.state_dict())
+    with pytest.raises(ValueError, match="perceptual_weight must be >= 0"):
+        VQTokenizerModule(model, perceptual_weight=-1.0)
+
+
+def test_schedules_count_forwards_with_gradient_accumulation(folder, tmp_path):
+    """Documented in every config: maintenance steps are training forwards, so with
+    accumulate_grad_batches=2 the quantizer counts two steps per optimizer step (k-means init at
+    forward 4 is optimizer step 2)."""
+    cli = build_cli(tiny_fit_args(folder, tmp_path, 3, "--trainer.accumulate_grad_batches=2"))
+    assert cli.trainer.global_step == 3
+    assert cli.model.quantizer.current_step == 6
+    assert cli.model.quantizer.maintenance[0].is_done()

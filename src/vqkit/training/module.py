@@ -51,6 +51,10 @@ class VQTokenizerModule(L.LightningModule):
     Args:
         model: the ``VQModel`` (encoder, quantizer, decoder).
         loss: the objective; default L1 + the quantizer's loss.
+        perceptual: a frozen module called as ``perceptual(reconstructions, images)`` that
+            returns per-image distances, e.g. ``vqkit.losses.LPIPS`` (seed 004's phase 1:
+            VQ-VAE + LPIPS). Its weights come from its own files, never from the checkpoint.
+        perceptual_weight: its weight (seed 004: 0.5 for LPIPS).
         lr, betas, weight_decay: AdamW (2e-4, (0.9, 0.99), 0 as in the seed plan).
         warmup_steps, warmup_start_lr, min_lr: linear warm-up from ``warmup_start_lr`` then cosine
             decay to ``min_lr`` at the trainer's last optimizer step.
@@ -59,11 +63,16 @@ class VQTokenizerModule(L.LightningModule):
         num_log_images: images per grid.
     """
 
+    # Constructor arguments a checkpoint can be loaded without (see ``load_tokenizer``).
+    inference_skips_args = ("perceptual",)
+
     def __init__(
         self,
         model: VQModel,
         loss: VQLoss | None = None,
+        perceptual: nn.Module | None = None,
         *,
+        perceptual_weight: float = 1.0,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
@@ -77,6 +86,8 @@ class VQTokenizerModule(L.LightningModule):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if perceptual_weight < 0:
+            raise ValueError(f"perceptual_weight must be >= 0, got {perceptual_weight}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if usage_window_steps < 1:
@@ -84,7 +95,29 @@ class VQTokenizerModule(L.LightningModule):
         _save_config(self)
         self.model = model
         self.loss = loss if loss is not None else VQLoss()
+        self.perceptual = perceptual
+        if perceptual is not None:
+            perceptual.requires_grad_(False).eval()
+        # The perceptual network's weights come from its own files: keep them out of the
+        # checkpoint, and do not ask for them when one is loaded.
+        self.register_state_dict_post_hook(_drop_perceptual_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_perceptual_keys)
         self._val_batch: Tensor | None = None
+
+    def train(self, mode: bool = True):  # noqa: ANN201
+        super().train(mode)
+        if self.perceptual is not None:
+            self.perceptual.eval()  # a frozen loss network (dropout, batch norm) stays in eval
+        return self
+
+    def _reconstruction_terms(self, images: Tensor, out) -> tuple[Tensor, dict]:  # noqa: ANN001
+        """The objective without any adversarial part: the loss, plus the perceptual term."""
+        total, terms = self.loss(images, out.reconstructions, out.vq_losses)
+        weight = self.hparams.perceptual_weight
+        if self.perceptual is not None and weight > 0:
+            terms["perceptual"] = weight * self.perceptual(out.reconstructions, images).mean()
+            total = total + terms["perceptual"]
+        return total, terms
 
     @property
     def quantizer(self):  # noqa: ANN201
@@ -94,7 +127,7 @@ class VQTokenizerModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: ANN001
         images = _images(batch)
         out = self.model(images)
-        total, terms = self.loss(images, out.reconstructions, out.vq_losses)
+        total, terms = self._reconstruction_terms(images, out)
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"training loss is {float(total)} at step {self.global_step}; terms: "
@@ -228,3 +261,13 @@ class VQTokenizerModule(L.LightningModule):
         if total and math.isfinite(total):
             return int(total)
         return max(self.hparams.warmup_steps * 10, 1)
+
+
+def _drop_perceptual_keys(module, state_dict, prefix, local_metadata) -> None:  # noqa: ANN001
+    for key in [k for k in state_dict if k.startswith(prefix + "perceptual.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_perceptual_keys(module, incompatible) -> None:  # noqa: ANN001
+    missing = incompatible.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("perceptual.")]

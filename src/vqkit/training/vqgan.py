@@ -50,9 +50,6 @@ class VQGANModule(VQTokenizerModule):
             ``accumulate_grad_batches`` must stay 1 under manual optimization).
     """
 
-    # Constructor arguments a checkpoint can be loaded without (see ``load_tokenizer``).
-    inference_skips_args = ("perceptual",)
-
     def __init__(
         self,
         model: VQModel,
@@ -76,8 +73,6 @@ class VQGANModule(VQTokenizerModule):
         log_images_every_n_steps: int = 500,
         num_log_images: int = 8,
     ) -> None:
-        if perceptual_weight < 0:
-            raise ValueError(f"perceptual_weight must be >= 0, got {perceptual_weight}")
         if disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {disc_lr}")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
@@ -89,6 +84,8 @@ class VQGANModule(VQTokenizerModule):
         super().__init__(
             model,
             loss,
+            perceptual,
+            perceptual_weight=perceptual_weight,
             lr=lr,
             betas=betas,
             weight_decay=weight_decay,
@@ -101,23 +98,10 @@ class VQGANModule(VQTokenizerModule):
         )
         self.automatic_optimization = False
         self.adversarial = adversarial if adversarial is not None else AdversarialLoss()
-        self.perceptual = perceptual
-        if perceptual is not None:
-            perceptual.requires_grad_(False).eval()
-        # The perceptual network's weights come from its own files: keep them out of the
-        # checkpoint, and do not ask for them when one is loaded.
-        self.register_state_dict_post_hook(_drop_perceptual_keys)
-        self.register_load_state_dict_post_hook(_ignore_missing_perceptual_keys)
 
     @property
     def discriminator(self) -> nn.Module:
         return self.adversarial.discriminator
-
-    def train(self, mode: bool = True) -> VQGANModule:
-        super().train(mode)
-        if self.perceptual is not None:
-            self.perceptual.eval()  # a frozen loss network (dropout, batch norm) stays in eval
-        return self
 
     def setup(self, stage: str) -> None:
         # Each step runs two backward passes (generator, then discriminator) inside one DDP
@@ -146,10 +130,7 @@ class VQGANModule(VQTokenizerModule):
         # ---- generator
         out = self.model(images)
         rec = out.reconstructions
-        total, terms = self.loss(images, rec, out.vq_losses)
-        if self.perceptual is not None and hp.perceptual_weight > 0:
-            terms["perceptual"] = hp.perceptual_weight * self.perceptual(rec, images).mean()
-            total = total + terms["perceptual"]
+        total, terms = self._reconstruction_terms(images, out)
         gan_w = adv.gan_weight(step)
         self.log("train/gan_weight", gan_w, batch_size=bs)
         if gan_w > 0:
@@ -265,13 +246,3 @@ class VQGANModule(VQTokenizerModule):
             d_params, lr=hp.disc_lr, betas=tuple(hp.disc_betas), weight_decay=hp.disc_weight_decay
         )
         return [gen["optimizer"], d_opt], [gen["lr_scheduler"]]
-
-
-def _drop_perceptual_keys(module, state_dict, prefix, local_metadata) -> None:  # noqa: ANN001
-    for key in [k for k in state_dict if k.startswith(prefix + "perceptual.")]:
-        del state_dict[key]
-
-
-def _ignore_missing_perceptual_keys(module, incompatible) -> None:  # noqa: ANN001
-    missing = incompatible.missing_keys
-    missing[:] = [k for k in missing if not k.startswith("perceptual.")]
