@@ -62,12 +62,12 @@ from vqkit.quantize import (
     EntropyPenalty,
     KMeansInit,
     KMeansReestimate,
+    LowUsageReset,
     QuantizerOutput,
     VectorQuantizer,
     reset_optimizer_state,
 )
 from vqkit.quantize.distance import nearest
-from vqkit.quantize.maintenance import Maintenance
 from vqkit.training.schedules import warmup_cosine
 
 CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -149,48 +149,6 @@ def schedule_scale(steps: int, reach: int) -> float:
 
 def _scale(n: int, scale: float, floor: int = 1) -> int:
     return max(floor, round(n * scale)) if n else n
-
-
-# --------------------------------------------------------------------------------- row 9
-class LowUsageReset(Maintenance):
-    """Seed 002's "reset 30% of low-usage codes every epoch": every ``every`` steps the
-    ``fraction`` of codes least used since the last reset restart at random vectors of the
-    current batch. vqkit has no percentage-based strategy, so the study builds this one on the
-    library's ``Maintenance`` hook and ``replace_codes`` (which keeps EMA statistics consistent).
-    """
-
-    def __init__(self, fraction: float = 0.3, every: int = 95, seed: int = 0) -> None:
-        super().__init__()
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        self.fraction = fraction
-        self.every = every
-        self.seed = seed
-
-    def bind(self, quantizer: VectorQuantizer) -> None:
-        self.register_buffer("counts_since", torch.zeros(quantizer.codebook_size))
-
-    @torch.no_grad()
-    def after_assign(self, quantizer, z: Tensor, indices: Tensor, counts: Tensor) -> None:  # noqa: ANN001
-        self.counts_since += counts
-        step = quantizer.current_step + 1  # the quantizer counts this step after the hooks
-        if step % self.every or z.shape[0] == 0:
-            return
-        k = quantizer.codebook_size
-        n = max(1, int(self.fraction * k))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        # Ties (often many never-used codes) are broken at random, not by index.
-        noise = torch.rand(k, generator=g).to(counts.device) * 1e-3
-        low = torch.argsort(self.counts_since + noise)[:n]
-        mask = torch.zeros(k, dtype=torch.bool, device=counts.device)
-        mask[low] = True
-        pick = torch.randint(z.shape[0], (n,), generator=g).to(z.device)
-        new = z[pick].float()
-        share = torch.full((n,), z.shape[0] / k, device=z.device)
-        quantizer.replace_codes(mask, new, share)
-        self.counts_since.zero_()
 
 
 # --------------------------------------------------------------------------------- row 10
@@ -379,8 +337,8 @@ ROWS: dict[str, Row] = {
         "EMA decay 0.7 -> EMAUpdate(decay=0.7); temperature 2.5 -> sample_temperature=2.5 "
         "(training assignments sampled from softmax(-d/2.5), eval nearest); entropy weight "
         "2.0 -> EntropyPenalty(weight=2.0); 30% low-usage reset every epoch -> "
-        "LowUsageReset(fraction=0.3, every=<steps per epoch>) (a Maintenance defined in this "
-        "script: the 30% least-used codes since the last reset restart at batch vectors); "
+        "LowUsageReset(fraction=0.3, every=<steps per epoch>) (the library's: the 30% "
+        "least-used codes since the last reset restart at batch vectors); "
         "codebook_init 'uniform' as the seed's config. Not taken: its codebook size 64 and "
         "commitment beta 10 (the study holds K and the losses fixed)",
     ),

@@ -381,3 +381,16 @@ def test_two_processes_agree_with_one(tmp_path):
     assert s0["whole_set"] == pytest.approx(one.summary()["whole_set"])
     assert s0["images"] == 12 and s0["per_batch"]["batches"] == 4  # 2 batches on each process
     assert s0["reconstruction"]["l1"] == pytest.approx(one.reconstruction_l1, rel=1e-5)
+
+
+def test_seed_002_option_names_are_aliases(fitted, tmp_path, capsys):
+    """Seed 002's tool was run as `--model_path ... --data_dir ... --output_dir ...
+    --image_size ... --batch_size ... --plot --save_details`; vqkit analyze takes that line."""
+    ckpt, folder = fitted
+    out = tmp_path / "seed002"
+    argv = ["analyze", "--model_path", str(ckpt), "--data_dir", str(folder)]
+    argv += ["--output_dir", str(out), "--image_size", "32", "--batch_size", "4"]
+    assert main([*argv, "--save_details", "--temperature", "1.0", "--device", "cpu"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert str(folder) in s["data"] and s["batch_size"] == 4 and s["image_size"] == 32
+    assert (out / "codes.csv").exists() and (out / "indices.npy").exists()

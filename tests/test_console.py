@@ -141,7 +141,7 @@ def test_console_tells_the_maintenance_story(tiny_run):
         # k-means: samples, codes replaced, inertia, milliseconds
         "k-means init at step 4: 1024 samples, 64 codes replaced, inertia",
         "k-means re-estimation at step 6: ",
-        "k-means re-estimation at step 12: ",
+        "k-means re-estimation at step 12",  # done or skipped with its reason
         # restarts: one DEBUG line each, and the summary
         "dead-code restart at step ",
         "dead-code restarts at steps ",
@@ -156,6 +156,7 @@ def test_console_tells_the_maintenance_story(tiny_run):
     missing = [e for e in expected if e not in err]
     assert not missing, f"missing from the console: {missing}\n{err[-4000:]}"
     assert "codes used (" in err and "perplexity" in err and "dead; L1" in err
+    assert "; codebook min " in err and ", std " in err  # seed 001's codebook monitoring
     assert "Epoch 3/-2" not in err
 
 
@@ -186,5 +187,6 @@ def test_run_folder_log_skipped_list_and_tensorboard(tiny_run):
     assert [e.step for e in acc.Scalars("maintenance/kmeans_init_inertia")] == [5]
     assert "maintenance/kmeans_reestimate_codes_replaced" in scalars
     assert "maintenance/restarted_codes" in scalars
+    assert {f"codebook/{n}" for n in ("min", "max", "mean", "std", "norm_mean")} <= scalars
     texts = set(acc.Tags()["tensors"])
     assert {"maintenance/text_summary", "codebook_health/text_summary"} <= texts

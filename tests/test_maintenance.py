@@ -203,3 +203,28 @@ def test_maintenance_state_resumes():
         c(data[i * 50 : (i + 1) * 50])
     for k, v in a.state_dict().items():
         assert torch.equal(v, c.state_dict()[k]), k
+
+
+def test_low_usage_reset_replaces_the_least_used_share():
+    """Seed 002's reset: every `every` steps the 30% least-used codes since the last reset
+    restart at batch vectors; used codes keep their vectors."""
+    from vqkit import LowUsageReset
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(2, 10, maintenance=[LowUsageReset(fraction=0.3, every=2)]).train()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.arange(10.0)[:, None].repeat(1, 2) * 10)
+    before = vq.codebook.detach().clone()
+    # all tokens near codes 0..6: codes 7, 8, 9 are never used
+    x = before[torch.arange(140) % 7] + 0.01 * torch.randn(140, 2)
+    vq(x)
+    assert vq.pop_events() == [] and torch.equal(vq.codebook.detach(), before)  # step 1 of 2
+    vq(x)
+    (event,) = vq.pop_events()
+    assert (event.strategy, event.step, event.codes_replaced) == ("low-usage reset", 1, 3)
+    assert "used 0 times on average" in event.detail
+    assert torch.equal(vq.codebook.detach()[:7], before[:7])
+    restarted = vq.codebook.detach()[7:]
+    assert ((restarted[:, None] - x[None]).abs().sum(-1).min(1).values == 0).all()
+    with pytest.raises(ValueError, match="fraction must be in"):
+        LowUsageReset(fraction=0.0)

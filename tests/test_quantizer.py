@@ -231,3 +231,40 @@ def test_batch_usage_in_output():
     assert int(out.used_codes) == 2
     assert float(out.perplexity) == pytest.approx(2.0)
     assert math.isclose(vq.usage.stats("eval").utilization, 0.5)
+
+
+def test_commitment_warmup_ramps_from_when_quantization_begins():
+    """Seed 002's commitment warm-up: beta ramps linearly over the first quantized steps (after
+    the k-means warm-up, not from step 0), and evaluation always uses the full weight."""
+    from vqkit import KMeansInit
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(
+        2,
+        4,
+        commitment_weight=0.4,
+        commitment_warmup_steps=4,
+        maintenance=[KMeansInit(warmup_steps=2, reservoir_size=64)],
+    ).train()
+    scales = []
+    for _ in range(7):
+        x = torch.randn(32, 2)
+        out = vq(x)
+        if out.passthrough:
+            assert "commitment" not in out.losses
+            scales.append(None)
+            continue
+        mse = F.mse_loss(x, vq.codebook.detach()[out.indices])
+        scales.append(round(out.losses["commitment"].item() / (0.4 * mse.item()), 4))
+    assert scales == [None, None, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert int(vq.quantized_steps) == 5
+    vq.eval()
+    assert vq.commitment_scale() == 1.0
+    # a checkpoint from before the counter loads, its warm-up taken as over
+    state = vq.state_dict()
+    del state["quantized_steps"]
+    again = VectorQuantizer(2, 4, commitment_warmup_steps=4, maintenance=[KMeansInit(2, 64)])
+    again.load_state_dict(state)
+    assert int(again.quantized_steps) == int(vq.step) == 7
+    with pytest.raises(ValueError, match="commitment_warmup_steps must be >= 0"):
+        VectorQuantizer(2, 4, commitment_warmup_steps=-1)

@@ -38,15 +38,21 @@ def _data_main(argv: Sequence[str]) -> int:
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     """The checkpoint, data and device options `analyze` and `evaluate` share."""
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
+    # the second spellings are seed 002's `codebook_utilization_check.py` options
+    p.add_argument(
+        "--ckpt", "--model_path", required=True, help="checkpoint written by `vqkit fit`"
+    )
     p.add_argument(
         "--data",
+        "--data_dir",
         default=None,
         help="folder of images (searched recursively); default: the validation split the "
         "checkpoint was trained with (the bundled set's for the quickstart)",
     )
-    p.add_argument("--image-size", type=int, default=None, help="default: the training size")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--image-size", "--image_size", type=int, default=None, help="default: the training size"
+    )
+    p.add_argument("--batch-size", "--batch_size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
@@ -89,10 +95,13 @@ def _analyze_parser() -> argparse.ArgumentParser:
         "whole-set, per-batch and EMA-count figures side by side, in summary.json.",
     )
     _add_input_args(p)
-    p.add_argument("--output-dir", required=True, help="where summary.json (and more) go")
+    p.add_argument(
+        "--output-dir", "--output_dir", required=True, help="where summary.json (and more) go"
+    )
     p.add_argument("--plot", action="store_true", help="write the PNG plots")
     p.add_argument(
         "--save-details",
+        "--save_details",
         action="store_true",
         help="write codes.csv and indices.npy (N, h, w) int32 with indices.txt naming each row",
     )

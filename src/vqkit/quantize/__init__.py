@@ -7,6 +7,7 @@ from .maintenance import (
     EMAUpdate,
     KMeansInit,
     KMeansReestimate,
+    LowUsageReset,
     Maintenance,
     MaintenanceEvent,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "KMeansInit",
     "KMeansReestimate",
     "KMeansResult",
+    "LowUsageReset",
     "Maintenance",
     "MaintenanceEvent",
     "QuantizerOutput",

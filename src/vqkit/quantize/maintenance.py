@@ -572,3 +572,72 @@ class DeadCodeRestart(Maintenance):
             f"dead-code restart {when}: codes whose EMA usage falls below {self.threshold:g} "
             f"restart at random encoder outputs from {pool}"
         )
+
+
+class LowUsageReset(Maintenance):
+    """Seed 002's low-usage reset: every ``every`` steps the ``fraction`` of codes least used
+    since the last reset restart at random encoder outputs of the batch (seed 002: 30% every
+    epoch, so ``every`` is the steps per epoch).
+
+    Unlike :class:`DeadCodeRestart` it replaces a fixed share whatever the usage, so it also
+    moves codes that are used, only rarely. Ties (often many never-used codes) are broken at
+    random, not by index. Counts are global under DDP and the draw is seeded by the step, so
+    every process picks the same codes; rank 0's batch vectors are broadcast.
+    """
+
+    def __init__(self, fraction: float = 0.3, every: int = 1000, seed: int = 0) -> None:
+        super().__init__()
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        _check_positive("every", every)
+        self.fraction = fraction
+        self.every = every
+        self.seed = seed
+
+    def bind(self, quantizer: VectorQuantizer) -> None:
+        self.register_buffer("counts_since", torch.zeros(quantizer.codebook_size))
+
+    @torch.no_grad()
+    def after_assign(
+        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+    ) -> None:
+        self.counts_since += counts
+        step = quantizer.current_step + 1  # the quantizer counts this step after the hooks
+        if step % self.every:
+            return
+        k = quantizer.codebook_size
+        n = max(1, int(self.fraction * k))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        noise = torch.rand(k, generator=g).to(counts.device) * 1e-3
+        low = torch.argsort(self.counts_since + noise)[:n]
+        mask = torch.zeros(k, dtype=torch.bool, device=counts.device)
+        mask[low] = True
+        usage = self.counts_since[low]
+        new = torch.zeros(n, z.shape[1], device=z.device, dtype=torch.float32)
+        if D.rank() == 0 and z.shape[0] > 0:
+            pick = torch.randint(z.shape[0], (n,), generator=g).to(z.device)
+            new = z[pick].float()
+        if quantizer.distance == "cosine":
+            new = F.normalize(new, dim=1)
+        tokens = _tokens_per_step(quantizer, z)
+        share = torch.full((n,), tokens / k, device=z.device)
+        replaced = quantizer.replace_codes(mask, new, share)
+        self.counts_since.zero_()
+        detail = (
+            f"the {self.fraction:.0%} least used codes, used {float(usage.mean()):.3g} times on "
+            f"average (at most {float(usage.max()):.3g}) in the last {self.every} steps"
+        )
+        _emit(
+            quantizer,
+            MaintenanceEvent(step - 1, "low-usage reset", "done", 0, replaced, detail=detail),
+        )
+
+    def describe(self, quantizer: VectorQuantizer) -> str:
+        n = max(1, int(self.fraction * quantizer.codebook_size))
+        return (
+            f"low-usage reset every {self.every} steps: the {n} least used codes "
+            f"({self.fraction:.0%}) restart at random encoder outputs from the batch"
+        )
+
+    def extra_repr(self) -> str:
+        return f"fraction={self.fraction}, every={self.every}"

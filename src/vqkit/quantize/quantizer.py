@@ -84,6 +84,9 @@ class VectorQuantizer(nn.Module):
             (low-dimensional factorized codes, as in ViT-VQGAN / LlamaGen).
         distance: ``"l2"`` or ``"cosine"`` (inputs and codes L2-normalized).
         commitment_weight: beta of the commitment loss ``||z - sg[q]||^2`` (0.25 as in VQFR).
+        commitment_warmup_steps: ramp beta linearly from 0 over this many quantized training
+            forwards, counted from when quantization begins (after any ``KMeansInit`` warm-up);
+            seed 002's commitment warm-up. 0: the full weight from the start.
         codebook_weight: weight of the codebook loss ``||sg[z] - q||^2`` (gradient mode only).
         ema: an ``EMAUpdate`` to learn the codebook by moving averages instead of gradients.
         maintenance: strategies that keep the codebook alive (``KMeansInit``,
@@ -108,6 +111,7 @@ class VectorQuantizer(nn.Module):
         codebook_dim: int | None = None,
         distance: str = "l2",
         commitment_weight: float = 0.25,
+        commitment_warmup_steps: int = 0,
         codebook_weight: float = 1.0,
         ema: EMAUpdate | None = None,
         maintenance: Sequence[Maintenance] = (),
@@ -135,6 +139,8 @@ class VectorQuantizer(nn.Module):
                 f"loss weights must be >= 0, got commitment_weight={commitment_weight}, "
                 f"codebook_weight={codebook_weight}"
             )
+        if commitment_warmup_steps < 0:
+            raise ValueError(f"commitment_warmup_steps must be >= 0, got {commitment_warmup_steps}")
         if sample_temperature < 0:
             raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
         if codebook_init not in ("normal", "uniform"):
@@ -155,6 +161,7 @@ class VectorQuantizer(nn.Module):
         self.codebook_dim = codebook_dim
         self.distance = distance
         self.commitment_weight = commitment_weight
+        self.commitment_warmup_steps = commitment_warmup_steps
         self.codebook_weight = codebook_weight
         self.sample_temperature = sample_temperature
         self.channel_first = channel_first
@@ -183,6 +190,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("codebook", init)
 
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # training forwards that quantized (not warm-up pass-throughs)
+        self.register_buffer("quantized_steps", torch.zeros((), dtype=torch.long))
+        self._quantized_cache: int | None = None
         # Codes replaced since reset_optimizer_state last ran (gradient mode's stale Adam rows).
         self.register_buffer("replaced_mask", torch.zeros(codebook_size, dtype=torch.bool))
         self.register_buffer("num_replacements", torch.zeros((), dtype=torch.long))
@@ -210,9 +220,22 @@ class VectorQuantizer(nn.Module):
             self._step_cache = int(self.step)
         return self._step_cache
 
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         self._step_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+        self._quantized_cache = None
+        key = prefix + "quantized_steps"
+        if key not in state_dict and prefix + "step" in state_dict:
+            # a checkpoint from before quantized_steps: its warm-up, if any, is long over
+            state_dict[key] = state_dict[prefix + "step"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def commitment_scale(self) -> float:
+        """The share of ``commitment_weight`` in force (the warm-up ramp; 1 in eval)."""
+        if not self.training or self.commitment_warmup_steps == 0:
+            return 1.0
+        if self._quantized_cache is None:
+            self._quantized_cache = int(self.quantized_steps)
+        return min(1.0, (self._quantized_cache + 1) / self.commitment_warmup_steps)
 
     @property
     def uses_ema(self) -> bool:
@@ -235,6 +258,11 @@ class VectorQuantizer(nn.Module):
             lines.append(
                 f"gradient codebook: codebook loss weight {self.codebook_weight:g}, commitment "
                 f"weight {self.commitment_weight:g}"
+            )
+        if self.commitment_warmup_steps:
+            lines.append(
+                f"commitment weight {self.commitment_weight:g} ramped up from 0 over the first "
+                f"{self.commitment_warmup_steps} quantized steps"
             )
         lines += [m.describe(self) for m in self.maintenance]
         if not self.maintenance:
@@ -369,7 +397,8 @@ class VectorQuantizer(nn.Module):
                 mse = F.mse_loss(zd, qd) if z.numel() else z.new_zeros(())
             # A process may hold no tokens in a step (sparse inputs, uneven shards): its loss is
             # then 0, not the NaN of an empty mean, and it still joins every collective.
-            losses = {"commitment": self.commitment_weight * _MSETo.apply(z, qd, mse)}
+            beta = self.commitment_weight * self.commitment_scale()
+            losses = {"commitment": beta * _MSETo.apply(z, qd, mse)}
             if not self.uses_ema:
                 losses["codebook"] = self.codebook_weight * _MSETo.apply(q, zd, mse)
             for r in self.regularizers:
@@ -382,6 +411,9 @@ class VectorQuantizer(nn.Module):
             if not passthrough:
                 for m in self.maintenance:
                     m.after_assign(self, zd, indices, counts)
+                self.quantized_steps.add_(1)
+                if self._quantized_cache is not None:
+                    self._quantized_cache += 1
             self.step.add_(1)
             self._step_cache = step + 1
 

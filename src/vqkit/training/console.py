@@ -149,6 +149,13 @@ def run_log_file() -> RunLogFile | None:
     return None
 
 
+_EVENT_KEYS = {
+    "k-means init": "kmeans_init",
+    "k-means re-estimation": "kmeans_reestimate",
+    "low-usage reset": "low_usage_reset",
+}
+
+
 def _fmt(value: float, spec: str) -> str:
     return format(value, spec) if value == value else "nan"
 
@@ -220,7 +227,7 @@ class ConsoleLog(L.Callback):
             if e.strategy == "dead-code restart":
                 self._restarts.append(e)
                 continue
-            key = "kmeans_init" if e.strategy == "k-means init" else "kmeans_reestimate"
+            key = _EVENT_KEYS.get(e.strategy, e.strategy.replace(" ", "_").replace("-", "_"))
             metrics = {f"maintenance/{key}_codes_replaced": float(e.codes_replaced)}
             if e.status == "done":
                 metrics[f"maintenance/{key}_ms"] = e.ms
@@ -276,6 +283,15 @@ class ConsoleLog(L.Callback):
             line += f"; L1 {m['val/l1']:.4f}"
         if "val/psnr" in m:
             line += f", PSNR {m['val/psnr']:.2f} dB"
+        quantizer = getattr(pl_module, "quantizer", None)
+        if quantizer is not None and hasattr(quantizer, "codebook"):
+            from .module import codebook_stats
+
+            st = {k: float(v) for k, v in codebook_stats(quantizer).items()}
+            line += (
+                f"; codebook min {st['min']:.3g}, max {st['max']:.3g}, mean {st['mean']:.3g}, "
+                f"std {st['std']:.3g}"
+            )
         log.info("%s", line)
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)

@@ -25,6 +25,19 @@ from .schedules import warmup_cosine
 _USAGE_FIELDS = ("utilization", "used_codes", "perplexity", "normalized_entropy", "dead_codes")
 
 
+@torch.no_grad()
+def codebook_stats(quantizer) -> dict[str, Tensor]:  # noqa: ANN001
+    """min / max / mean / std of the codebook's entries and the mean norm of its codes."""
+    c = quantizer.codebook.detach().float()
+    return {
+        "min": c.min(),
+        "max": c.max(),
+        "mean": c.mean(),
+        "std": c.std(),
+        "norm_mean": c.norm(dim=1).mean(),
+    }
+
+
 def _images(batch) -> Tensor:  # noqa: ANN001
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
@@ -151,6 +164,11 @@ class VQTokenizerModule(L.LightningModule):
             )
             self.log("train/batch_perplexity", out.perplexity, batch_size=bs)
         self.log("train/lr", self._generator_optimizer().param_groups[0]["lr"], batch_size=bs)
+        every = getattr(self._trainer, "log_every_n_steps", 0) if self._trainer is not None else 0
+        if self._every(every):
+            # seed 001's codebook monitoring: a collapsing or exploding codebook shows here
+            for name, value in codebook_stats(self.quantizer).items():
+                self.log(f"codebook/{name}", value, batch_size=bs)
         usage = self.quantizer.usage
         if int(usage.window_forwards) >= self.hparams.usage_window_steps:
             self._log_usage("train_window", usage.stats("window"))
