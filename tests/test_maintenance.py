@@ -228,3 +228,39 @@ def test_low_usage_reset_replaces_the_least_used_share():
     assert ((restarted[:, None] - x[None]).abs().sum(-1).min(1).values == 0).all()
     with pytest.raises(ValueError, match="fraction must be in"):
         LowUsageReset(fraction=0.0)
+
+
+def test_init_and_reestimation_share_one_reservoir():
+    """Same size, dtype, device and seed: one reservoir, fed once a step, saved once (the anime
+    configs kept two 65,536-row copies in every checkpoint). Checkpoints from before load."""
+    init = KMeansInit(warmup_steps=2, reservoir_size=64)
+    re = KMeansReestimate(every=3, until=10, reservoir_size=64, mode="dead")
+    other = DeadCodeRestart(threshold=0.5, source="reservoir", reservoir_size=32)
+    vq = VectorQuantizer(2, 8, maintenance=[init, re, other]).train()
+    assert init.reservoir is re.reservoir and other.reservoir is not init.reservoir
+    assert len(vq.reservoirs) == 2
+    vq(torch.randn(20, 2))
+    assert init.reservoir.seen == 20  # fed once although two strategies add to it
+    keys = [k for k in vq.state_dict() if k.endswith("seen") or ".buffer" in k]
+    assert not any(k.startswith("maintenance.") for k in keys), keys
+    # a checkpoint written when each strategy had its own reservoir
+    state = vq.state_dict()
+    name = next(n for n, r in vq.reservoirs.items() if r is init.reservoir)
+    old = {}
+    for k, v in state.items():
+        if k.startswith(f"reservoirs.{name}."):
+            old[k.replace(f"reservoirs.{name}.", "maintenance.0.reservoir.")] = v
+            old[k.replace(f"reservoirs.{name}.", "maintenance.1.reservoir.")] = v
+        else:
+            old[k] = v
+    fresh = VectorQuantizer(
+        2,
+        8,
+        maintenance=[
+            KMeansInit(warmup_steps=2, reservoir_size=64),
+            KMeansReestimate(every=3, until=10, reservoir_size=64, mode="dead"),
+            DeadCodeRestart(threshold=0.5, source="reservoir", reservoir_size=32),
+        ],
+    )
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.maintenance[0].reservoir.contents(), init.reservoir.contents())

@@ -166,9 +166,22 @@ def _make_reservoir(
             f"{owner}: reservoir_size ({size}) must be >= codebook_size "
             f"({quantizer.codebook_size}), or k-means could never run"
         )
-    return ReservoirSampler(
-        size, quantizer.codebook_dim, dtype=_RESERVOIR_DTYPES[dtype], device=device, seed=seed
-    )
+    return quantizer.shared_reservoir(size, _RESERVOIR_DTYPES[dtype], device, seed)
+
+
+def _hold(strategy: Maintenance, reservoir: ReservoirSampler) -> None:
+    """Keep a reference to a reservoir the quantizer owns (``quantizer.reservoirs``) without
+    registering it as this strategy's submodule: a shared reservoir is saved once."""
+    strategy.__dict__["reservoir"] = reservoir
+
+
+def _feed(quantizer: VectorQuantizer, reservoir: ReservoirSampler, z: Tensor) -> None:
+    """Add this step's batch once, however many strategies share the reservoir."""
+    step = quantizer.current_step
+    if getattr(reservoir, "_fed_step", None) == step:
+        return
+    reservoir.add(z)
+    reservoir._fed_step = step
 
 
 def _tokens_per_step(quantizer: VectorQuantizer, z: Tensor) -> int:
@@ -234,8 +247,9 @@ class KMeansInit(_Cached):
 
     def bind(self, quantizer: VectorQuantizer) -> None:
         dtype, device = self._res_args
-        self.reservoir = _make_reservoir(
-            quantizer, self.reservoir_size, "KMeansInit", dtype, device, self.seed
+        _hold(
+            self,
+            _make_reservoir(quantizer, self.reservoir_size, "KMeansInit", dtype, device, self.seed),
         )
 
     def is_done(self) -> bool:
@@ -246,7 +260,7 @@ class KMeansInit(_Cached):
     def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
         if self.is_done():
             return False
-        self.reservoir.add(z)
+        _feed(quantizer, self.reservoir, z)
         step = quantizer.current_step
         if step < self.warmup_steps:
             return True
@@ -337,8 +351,11 @@ class KMeansReestimate(Maintenance):
 
     def bind(self, quantizer: VectorQuantizer) -> None:
         dtype, device = self._res_args
-        self.reservoir = _make_reservoir(
-            quantizer, self.reservoir_size, "KMeansReestimate", dtype, device, self.seed
+        _hold(
+            self,
+            _make_reservoir(
+                quantizer, self.reservoir_size, "KMeansReestimate", dtype, device, self.seed
+            ),
         )
         self.register_buffer("counts_since", torch.zeros(quantizer.codebook_size, dtype=torch.long))
         # quantized training forwards counted in counts_since: 0 before quantization begins
@@ -348,7 +365,7 @@ class KMeansReestimate(Maintenance):
         step = quantizer.current_step
         if step >= self.until:
             return False
-        self.reservoir.add(z)
+        _feed(quantizer, self.reservoir, z)
         if step > 0 and step % self.every == 0:
             if int(self.counted_steps) == 0:
                 # Nothing was quantized since quantization began or since the last
@@ -504,13 +521,16 @@ class DeadCodeRestart(Maintenance):
     def bind(self, quantizer: VectorQuantizer) -> None:
         if self.source == "reservoir":
             dtype, device = self._res_args
-            self.reservoir = _make_reservoir(
-                quantizer, self.reservoir_size, "DeadCodeRestart", dtype, device, self.seed
+            _hold(
+                self,
+                _make_reservoir(
+                    quantizer, self.reservoir_size, "DeadCodeRestart", dtype, device, self.seed
+                ),
             )
 
     def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
         if self.source == "reservoir":
-            self.reservoir.add(z)
+            _feed(quantizer, self.reservoir, z)
         return False
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from . import distributed as D
 from .distance import DEFAULT_MAX_BLOCK, nearest, pairwise_sqdist, sample_nearest
 from .maintenance import EMAUpdate, Maintenance, MaintenanceEvent
 from .regularizers import Regularizer
+from .reservoir import ReservoirSampler
 from .usage import CodeUsage
 
 log = logging.getLogger("vqkit.quantize")
@@ -204,6 +205,10 @@ class VectorQuantizer(nn.Module):
         self.events: deque[MaintenanceEvent] = deque(maxlen=1024)
 
         self.usage = CodeUsage(codebook_size, ema_decay=usage_decay, dead_below=dead_below)
+        # Reservoirs of encoder outputs, one per (size, dtype, device, seed): strategies that
+        # ask for the same one share it (k-means init and re-estimation fill one reservoir, and
+        # a checkpoint holds it once).
+        self.reservoirs = nn.ModuleDict()
         self.ema = ema
         self.maintenance = nn.ModuleList(maintenance)
         self.regularizers = nn.ModuleList(regularizers)
@@ -223,11 +228,38 @@ class VectorQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         self._step_cache = None
         self._quantized_cache = None
+        self._move_old_reservoir_keys(state_dict, prefix)
         key = prefix + "quantized_steps"
         if key not in state_dict and prefix + "step" in state_dict:
             # a checkpoint from before quantized_steps: its warm-up, if any, is long over
             state_dict[key] = state_dict[prefix + "step"].clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def shared_reservoir(
+        self, size: int, dtype: torch.dtype, device: str | None, seed: int
+    ) -> ReservoirSampler:
+        """The reservoir of this spec, created on first request (see ``reservoirs``)."""
+        name = str(dtype).removeprefix("torch.")
+        key = f"r{size}_{name}_{(device or 'codebook').replace(':', '')}_s{seed}"
+        if key not in self.reservoirs:
+            self.reservoirs[key] = ReservoirSampler(
+                size, self.codebook_dim, dtype=dtype, device=device, seed=seed
+            )
+        return self.reservoirs[key]
+
+    def _move_old_reservoir_keys(self, state_dict: dict, prefix: str) -> None:
+        """Checkpoints from before shared reservoirs kept one per strategy, under
+        ``maintenance.<i>.reservoir.``: move each to the shared one it now uses (strategies
+        that share one filled it identically; the last in the list wins)."""
+        for i, m in enumerate(self.maintenance):
+            old = f"{prefix}maintenance.{i}.reservoir."
+            res = m.__dict__.get("reservoir")
+            keys = [k for k in state_dict if k.startswith(old)]
+            if res is None or not keys:
+                continue
+            name = next(n for n, r in self.reservoirs.items() if r is res)
+            for k in keys:
+                state_dict[f"{prefix}reservoirs.{name}.{k[len(old) :]}"] = state_dict.pop(k)
 
     def commitment_scale(self) -> float:
         """The share of ``commitment_weight`` in force (the warm-up ramp; 1 in eval)."""

@@ -216,6 +216,7 @@ class ReservoirSampler(nn.Module):
         self._mirrors_valid = True
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._fed_step = None  # a loaded state was not fed at any step of this object's run
         self._mirrors_valid = False
         super()._load_from_state_dict(*args, **kwargs)
 
