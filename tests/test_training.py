@@ -366,7 +366,7 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, capsys):
 
     # nothing to resume yet: a clear line, then an ordinary run from scratch
     fit(tmp_path / "run", 3, "--ckpt_path=last")
-    assert "no last*.ckpt from an earlier run" in capsys.readouterr().err
+    assert "no whole checkpoint from an earlier run" in capsys.readouterr().err
     first = next((tmp_path / "run").rglob("version_0/checkpoints/last.ckpt"))
     resumed = fit(tmp_path / "run", 6, "--ckpt_path=last")
     assert f"vqkit fit: resuming {first}" in capsys.readouterr().err
@@ -388,7 +388,7 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run(tmp_path, capsys):
     empty = ["--config", str(TINY), *tiny_args(folder, tmp_path / "none")]
     with pytest.raises(SystemExit):
         main(["validate", *empty, "--ckpt_path=last"])
-    assert "--ckpt_path last: no last*.ckpt from a run under" in capsys.readouterr().err
+    assert "--ckpt_path last: no whole checkpoint from a run under" in capsys.readouterr().err
     # and a fresh 6-step run is a different model: the resume really continued
     scratch = fit(tmp_path / "scratch", 6)
     assert any(
@@ -404,7 +404,7 @@ def test_find_last_checkpoint_searches_every_layout_and_takes_the_newest(tmp_pat
 
     def touch(path: Path, mtime: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
         os.utime(path, ns=(mtime, mtime))
         return path
 
@@ -419,13 +419,36 @@ def test_find_last_checkpoint_searches_every_layout_and_takes_the_newest(tmp_pat
     assert find_last_checkpoint(trainer) == v0
     v3 = touch(tmp_path / "logs/tensorboard/version_3/checkpoints/last-v1.ckpt", 2 * 10**18)
     touch(tmp_path / "logs/tensorboard/version_3/checkpoints/periodic-step=9.ckpt", 9 * 10**18)
-    assert find_last_checkpoint(trainer) == v3  # newest last*, other names ignored
+    assert find_last_checkpoint(trainer) == v3  # newest last*, then periodic, then best
     explicit = touch(tmp_path / "explicit/last.ckpt", 3 * 10**18)
     assert find_last_checkpoint(trainer) == explicit
     no_logger = touch(tmp_path / "root/checkpoints/last.ckpt", 4 * 10**18)
     assert find_last_checkpoint(trainer) == no_logger
     trainer.logger, trainer.checkpoint_callbacks = None, []
     assert find_last_checkpoint(trainer) == no_logger
+    # a newest last.ckpt cut short (a kill during a write): named, skipped for the next newest
+    trainer.logger = logger
+    (tmp_path / "logs/tensorboard/version_3/checkpoints/last-v1.ckpt").unlink()
+    bad = touch(tmp_path / "logs/tensorboard/version_4/checkpoints/last.ckpt", 5 * 10**18)
+    bad.write_bytes(bad.read_bytes()[:200])
+    os.utime(bad, ns=(5 * 10**18, 5 * 10**18))
+    said: list[str] = []
+    assert find_last_checkpoint(trainer, said.append) == no_logger
+    assert len(said) == 1 and said[0].startswith(f"skipping {bad}: truncated or not a checkpoint")
+    # no whole last*: the newest periodic, then the newest best
+    for p in [no_logger, explicit, v0]:
+        p.unlink()
+    periodic = tmp_path / "logs/tensorboard/version_3/checkpoints/periodic-step=9.ckpt"
+    best = touch(tmp_path / "logs/tensorboard/version_3/checkpoints/best-step=5.ckpt", 10**19)
+    assert find_last_checkpoint(trainer, said.append) == periodic
+    periodic.write_bytes(b"garbage")
+    assert find_last_checkpoint(trainer, said.append) == best
+    # leftovers of interrupted atomic writes are removed, and said so
+    tmp = best.with_name(".last.ckpt.tmp-123")
+    tmp.write_bytes(b"partial")
+    said.clear()
+    assert find_last_checkpoint(trainer, said.append) == best
+    assert not tmp.exists() and said[0] == f"removed {tmp}, a checkpoint write that was interrupted"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -496,3 +519,51 @@ def test_schedules_count_forwards_with_gradient_accumulation(folder, tmp_path):
     assert cli.trainer.global_step == 3
     assert cli.model.quantizer.current_step == 6
     assert cli.model.quantizer.maintenance[0].is_done()
+
+
+def test_atomic_save_never_leaves_a_half_file(tmp_path, monkeypatch):
+    """A write that dies midway leaves the previous checkpoint whole under its name and no
+    temporary file; a finished one replaces it."""
+    from vqkit.training.checkpoint import AtomicCheckpointIO, atomic_save, checkpoint_problem
+
+    path = tmp_path / "ckpts" / "last.ckpt"
+    atomic_save({"state_dict": {"w": torch.ones(4)}}, path)
+    assert checkpoint_problem(path) is None
+    real_save = torch.save
+
+    def dies_midway(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # what a SIGINT during the write raises
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(4)}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(4))
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(4)}}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.zeros(4))
+    # what a non-atomic writer killed midway leaves is found out without unpickling
+    path.write_bytes(path.read_bytes()[:100])
+    assert "truncated" in checkpoint_problem(path)
+
+
+def test_ckpt_path_last_skips_a_truncated_last_for_the_newest_whole_one(folder, tmp_path, capsys):
+    """A kill during a non-atomic write leaves last.ckpt cut short: `--ckpt_path last` names it,
+    skips it and resumes the newest whole checkpoint (here the periodic one of step 8), where it
+    used to die with a 40-line traceback. vqkit's own writes are atomic."""
+    from vqkit.training.checkpoint import AtomicCheckpointIO
+
+    out = tmp_path / "run"
+    main(tiny_fit_args(folder, out, 8))
+    last = next(out.rglob("last.ckpt"))
+    periodic = next(out.rglob("periodic-step=8.ckpt"))
+    assert not list(out.rglob(".*.tmp-*"))
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    capsys.readouterr()
+    cli = build_cli(tiny_fit_args(folder, out, 10, "--ckpt_path=last"))
+    err = capsys.readouterr().err
+    assert f"--ckpt_path last: skipping {last}: truncated or not a checkpoint" in err
+    assert f"vqkit fit: resuming {periodic}" in err
+    assert cli.trainer.global_step == 10
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -546,23 +546,33 @@ def _say(message: str) -> None:
 
 
 def _resolve_last(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
-    """``--ckpt_path last`` means the newest last*.ckpt of earlier runs (Lightning's own "last"
-    only searches this run's new version_N folder and silently starts over)."""
-    from .training.checkpoint import find_last_checkpoint
+    """Install the atomic checkpoint writer; ``--ckpt_path last`` means the newest whole
+    checkpoint of earlier runs (last*, then periodic, then best; Lightning's own "last" only
+    searches this run's new version_N folder and silently starts over)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+    from .training.checkpoint import AtomicCheckpointIO, find_last_checkpoint
+
+    strategy = cli.trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        # every checkpoint is written whole or not at all (temporary file, fsync, rename)
+        strategy.checkpoint_io = AtomicCheckpointIO()
     cfg = cli.config_init[cli.subcommand]
     if cfg.get("ckpt_path") != "last":
         return
-    found = find_last_checkpoint(cli.trainer)
+    found = find_last_checkpoint(
+        cli.trainer, lambda m: _say(f"{prog} {cli.subcommand}: --ckpt_path last: {m}")
+    )
     root = cli.trainer.default_root_dir
     if found is None:
         if cli.subcommand != "fit":
             cli.parser.error(
-                f"--ckpt_path last: no last*.ckpt from a run under {root}; pass a checkpoint path"
+                f"--ckpt_path last: no whole checkpoint from a run under {root}; pass a "
+                "checkpoint path"
             )
         _say(
-            f"{prog} fit: --ckpt_path last: no last*.ckpt from an earlier run under {root}; "
-            "starting from scratch"
+            f"{prog} fit: --ckpt_path last: no whole checkpoint from an earlier run under "
+            f"{root}; starting from scratch"
         )
         cfg["ckpt_path"] = None
     else:

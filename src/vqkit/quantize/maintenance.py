@@ -560,7 +560,7 @@ class DeadCodeRestart(Maintenance):
         usage = quantizer.usage.ema_counts[dead]
         mean, top = float(usage.mean()), float(usage.max())
         detail = (
-            f"EMA usage {mean:.3g} on average, at most {top:.3g}, below {self.threshold:g}; "
+            f"EMA usage {mean:.3g} on average, at most {top:.4g}, below {self.threshold:g}; "
             f"restarted at {self.source} vectors"
         )
         n = quantizer.replace_codes(dead, new, counts_new.clamp_min(self.threshold))

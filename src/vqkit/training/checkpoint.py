@@ -8,18 +8,89 @@ model=...)``.
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from ..models import VQModel
 
+log = logging.getLogger("vqkit.training")
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not a vqkit tokenizer."""
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` that a kill cannot leave half-written under the real name: write a hidden
+    temporary file in the same folder, flush and fsync it, rename it over ``path`` (atomic on
+    POSIX and Windows), then fsync the folder so the rename itself survives a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (Windows): the rename is done anyway
+        return path
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with :func:`atomic_save` for local paths (remote URLs go
+    to Lightning's own writer). ``vqkit fit`` installs it; with a plain Trainer pass
+    ``plugins=[AtomicCheckpointIO()]``."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)
+        return None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint to resume from (None if it looks whole): checked by
+    reading its zip structure and the CRC of every member, without unpickling anything."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            if bad is not None:
+                return f"corrupt member {bad}"
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return "not a PyTorch checkpoint (no data.pkl)"
+    except zipfile.BadZipFile as e:
+        return f"truncated or not a checkpoint ({e})"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -98,16 +169,7 @@ def load_model(path: str | Path, **kwargs) -> VQModel:  # noqa: ANN003
     return load_tokenizer(path, **kwargs).model.eval()
 
 
-def find_last_checkpoint(trainer) -> Path | None:  # noqa: ANN001
-    """The newest ``last*.ckpt`` an earlier run with this trainer's settings wrote, or None.
-
-    Lightning's own ``ckpt_path="last"`` only looks in this run's checkpoint folder. With a
-    logger that folder is ``<save_dir>/<name>/version_<N>/checkpoints`` and every run gets a
-    new N, so it finds nothing there and starts from scratch. This looks in
-    every ``ModelCheckpoint``'s explicit ``dirpath``, in ``version_*/checkpoints`` under the
-    logger's root folder, and in ``<default_root_dir>/checkpoints`` (the layout without a
-    logger), and takes the most recently written file.
-    """
+def _checkpoint_folders(trainer) -> list[Path]:  # noqa: ANN001
     folders: list[Path] = []
     for cb in getattr(trainer, "checkpoint_callbacks", []):
         if getattr(cb, "dirpath", None):
@@ -117,5 +179,44 @@ def find_last_checkpoint(trainer) -> Path | None:  # noqa: ANN001
     if root:
         folders += sorted(Path(root).glob("version_*/checkpoints"))
     folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    found = [p for f in folders if f.is_dir() for p in f.glob("last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)), default=None)
+    return [f for f in dict.fromkeys(folders) if f.is_dir()]
+
+
+def _tier(path: Path) -> int:
+    """Resume order: ``last`` files, then periodic (any other name), then ``best``."""
+    name = path.name.lower()
+    return 0 if name.startswith("last") else 2 if name.startswith("best") else 1
+
+
+def resume_candidates(trainer) -> list[Path]:  # noqa: ANN001
+    """Every checkpoint an earlier run with this trainer's settings wrote, in the order
+    ``--ckpt_path last`` tries them: ``last*.ckpt`` newest first, then the others (periodic)
+    newest first, then ``best*`` newest first."""
+    found = {p for f in _checkpoint_folders(trainer) for p in f.glob("*.ckpt") if p.is_file()}
+    return sorted(found, key=lambda p: (_tier(p), -p.stat().st_mtime_ns, str(p)))
+
+
+def find_last_checkpoint(trainer, report=None) -> Path | None:  # noqa: ANN001
+    """The newest checkpoint an earlier run with this trainer's settings wrote that is whole,
+    or None: a ``last*.ckpt``, else the newest periodic one, else the newest ``best*``.
+
+    Lightning's own ``ckpt_path="last"`` only looks in this run's checkpoint folder. With a
+    logger that folder is ``<save_dir>/<name>/version_<N>/checkpoints`` and every run gets a
+    new N, so it finds nothing there and starts from scratch. This looks in every
+    ``ModelCheckpoint``'s explicit ``dirpath``, in ``version_*/checkpoints`` under the logger's
+    root folder, and in ``<default_root_dir>/checkpoints`` (the layout without a logger). A
+    truncated or corrupt file (a kill during a write that was not atomic, a full disk) is
+    skipped for the next, and ``report(message)`` (default: a warning on the ``vqkit`` logger)
+    says which file and why. Leftover temporary files of interrupted atomic writes are removed.
+    """
+    report = report or log.warning
+    for folder in _checkpoint_folders(trainer):
+        for tmp in folder.glob(".*.ckpt.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            report(f"removed {tmp}, a checkpoint write that was interrupted")
+    for path in resume_candidates(trainer):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        report(f"skipping {path}: {problem}")
+    return None

@@ -248,7 +248,7 @@ class ConsoleLog(L.Callback):
         where = f"step {first}" if first == last else f"steps {first}-{last}"
         message = (
             f"dead-code restarts at {where}: {codes} codes at {len(events)} steps; their EMA "
-            f"usage was {mean:.3g} on average, at most {top:.3g}"
+            f"usage was {mean:.3g} on average, at most {top:.4g}"
         )
         log.info("%s", message)
         self._to_loggers(trainer, {"maintenance/restarted_codes": float(codes)}, message)
