@@ -567,3 +567,20 @@ def test_ckpt_path_last_skips_a_truncated_last_for_the_newest_whole_one(folder, 
     assert f"vqkit fit: resuming {periodic}" in err
     assert cli.trainer.global_step == 10
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_too_few_images_for_a_batch_is_a_one_line_error(tmp_path, capsys):
+    """27 good images and batch_size 32 used to end in a Python traceback; now one line naming
+    the numbers, exit 1, before training starts. A missing folder too."""
+    root = make_folder(tmp_path / "few", n=8)
+    args = ["fit", "--config", str(TINY), *tiny_args(root, tmp_path / "run")]
+    assert main([*args, "--data.batch_size=32"]) == 1
+    err = capsys.readouterr().err
+    assert "vqkit fit: error: batch_size=32 is larger than the 6 training images" in err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.png").write_bytes(b"nope")
+    assert main(["fit", "--config", str(TINY), *tiny_args(empty, tmp_path / "run2")]) == 1
+    assert "vqkit fit: error: no usable image in" in capsys.readouterr().err

@@ -736,8 +736,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vqkit prior: error: {e}", file=sys.stderr)
             return 1
         return 0
-    # LightningCLI reads sys.argv itself when run as the `vqkit` command (given both, it warns).
-    build_cli(None if from_command_line else argv)
+    from .data.images import DataError
+    from .training.checkpoint import CheckpointError
+
+    try:
+        # LightningCLI reads sys.argv itself when run as the `vqkit` command (given both, it
+        # warns).
+        build_cli(None if from_command_line else argv)
+    except (DataError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+        # bad data or a bad checkpoint path: one line, before training starts
+        print(f"vqkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ from .bundled import (
 )
 from .images import (
     IMAGE_EXTENSIONS,
+    DataError,
     ImageFolderDataset,
     UnreadableImageError,
     color_jitter,
@@ -35,6 +36,7 @@ def __getattr__(name: str):  # PEP 562: keep `import vqkit.data` free of Lightni
 
 __all__ = [
     "DATASETS",
+    "DataError",
     "FLUENT_EMOJI_3D",
     "IMAGE_EXTENSIONS",
     "ImageDataModule",

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..quantize import distributed as D
 from .bundled import DATASETS, fetch
 from .images import (
+    DataError,
     ImageFolderDataset,
     check_augment_args,
     check_image_size,
@@ -141,7 +142,7 @@ class ImageDataModule(L.LightningDataModule):
         warn_skipped(bad, len(paths))
         self.skipped.extend(bad)
         if not good:
-            raise ValueError(
+            raise DataError(
                 f"no usable image in {str(folder)!r}: found {len(paths)} image files, "
                 f"{len(bad)} could not be decoded"
             )
@@ -171,7 +172,7 @@ class ImageDataModule(L.LightningDataModule):
         else:
             train, val = split_by_group(paths, self.val_fraction, seed=self.split_seed)
         if len(train) < self.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"batch_size={self.batch_size} is larger than the {len(train)} training images; "
                 "the train loader drops incomplete batches, so it would yield nothing. "
                 "Lower batch_size or add images"

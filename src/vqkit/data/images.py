@@ -42,6 +42,11 @@ class UnreadableImageError(OSError):
     """A file with an image extension that cannot be decoded into an RGB image."""
 
 
+class DataError(ValueError):
+    """Data a run cannot train on (no usable image, fewer images than a batch): the ``vqkit``
+    command reports it in one line before training starts."""
+
+
 def find_images(root: str | os.PathLike[str]) -> list[Path]:
     """All image files under ``root`` (recursive), sorted so every run sees the same order."""
     root = Path(root).expanduser()
