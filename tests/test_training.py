@@ -584,3 +584,32 @@ def test_too_few_images_for_a_batch_is_a_one_line_error(tmp_path, capsys):
     (empty / "broken.png").write_bytes(b"nope")
     assert main(["fit", "--config", str(TINY), *tiny_args(empty, tmp_path / "run2")]) == 1
     assert "vqkit fit: error: no usable image in" in capsys.readouterr().err
+
+
+class _Touch:
+    """A pickle that runs code when it is read: it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_are_read_safely_unless_trusted(tmp_path, capsys):
+    """`vqkit analyze --ckpt someone_elses.ckpt` used to run whatever the pickle carried."""
+    from vqkit.training import CheckpointError, read_checkpoint
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Touch(marker)}}, evil)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        read_checkpoint(evil)
+    assert not marker.exists()
+    argv = ["analyze", "--ckpt", str(evil), "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vqkit analyze: error:") and "safe load refuses" in err
+    assert not marker.exists()
+    read_checkpoint(evil, trust=True)  # the user's explicit choice: the pickle runs
+    assert marker.exists()

@@ -36,6 +36,15 @@ def _data_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read the checkpoint with full pickle (it can run code): only for a checkpoint "
+        "from a source you trust that a safe load refuses",
+    )
+
+
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     """The checkpoint, data and device options `analyze` and `evaluate` share."""
     # the second spellings are seed 002's `codebook_utilization_check.py` options
@@ -54,6 +63,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", "--batch_size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    _add_trust_arg(p)
     p.add_argument("--max-images", type=int, default=None, help="only the first N images")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
 
@@ -76,7 +86,7 @@ def _load_checkpoint(args: argparse.Namespace):  # noqa: ANN202
     from .training.checkpoint import load_model, read_checkpoint
 
     device = _analysis_device(args.device)
-    ckpt = read_checkpoint(args.ckpt)
+    ckpt = read_checkpoint(args.ckpt, trust=getattr(args, "trust_checkpoint", False))
     model = load_model(args.ckpt, checkpoint=ckpt)
     dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
     model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
@@ -417,6 +427,7 @@ def _sample_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    _add_trust_arg(p)
     p.add_argument(
         "--prior",
         default=None,
@@ -522,7 +533,7 @@ def _load_sampling_prior(args: argparse.Namespace, model, grid, device):  # noqa
         return None
     from .prior import load_prior_transformer
 
-    transformer = load_prior_transformer(args.prior).to(device)
+    transformer = load_prior_transformer(args.prior, trust=args.trust_checkpoint).to(device)
     k = model.quantizer.codebook_size
     if transformer.codebook_size != k or transformer.grid != tuple(grid):
         raise ValueError(

@@ -199,11 +199,11 @@ def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> Pr
 
 
 def load_prior_transformer(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path, map_location: str | torch.device = "cpu", *, trust: bool = False
 ) -> CodeTransformer:
     """The ``CodeTransformer`` of a prior checkpoint, in eval mode, without its tokenizer (which
-    ``vqkit sample`` has already loaded from ``--ckpt``)."""
-    ckpt = read_checkpoint(path, map_location)
+    ``vqkit sample`` has already loaded from ``--ckpt``); ``trust``: see ``read_checkpoint``."""
+    ckpt = read_checkpoint(path, map_location, trust=trust)
     config = ckpt.get(TRANSFORMER_KEY)
     weights = {
         k.removeprefix("transformer."): v

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -93,14 +94,33 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load`` with errors that name the file and the problem."""
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, trust: bool = False
+) -> dict:
+    """``torch.load`` with errors that name the file and the problem.
+
+    By default the file is read with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only, which is all a vqkit checkpoint holds, so a shared checkpoint cannot run
+    code. ``trust=True`` (the command's ``--trust-checkpoint``) allows arbitrary pickles, for a
+    checkpoint from a source you trust that holds other objects.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if trust or refused is None:
+            detail = re.search(r"Unsupported operand \d+|invalid load key[^.\n]*", str(e))
+            why = detail.group(0) if detail else "not a pickle torch can read"
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({why})") from e
+        raise CheckpointError(
+            f"{path} holds Python objects a safe load refuses ({refused.group(1)}); a pickle "
+            "can run any code when it is read, so load it only if you trust its source: "
+            "--trust-checkpoint (or trust=True)"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
@@ -114,10 +134,12 @@ def load_tokenizer(
     map_location: str | torch.device = "cpu",
     strict: bool = True,
     checkpoint: dict | None = None,
+    trust: bool = False,
 ) -> nn.Module:
     """The training module (``VQTokenizerModule`` or a subclass) of a checkpoint, in eval mode.
 
     ``checkpoint``: the already-read checkpoint dict of ``path`` (saves reading it twice).
+    ``trust``: allow arbitrary pickles (see :func:`read_checkpoint`).
     ``model``: the ``VQModel`` to load the weights into, for checkpoints written outside
     ``vqkit fit``; when given it must have the checkpoint's shapes (codebook size included).
     """
@@ -125,7 +147,9 @@ def load_tokenizer(
 
     from .module import VQTokenizerModule
 
-    ckpt = checkpoint if checkpoint is not None else read_checkpoint(path, map_location)
+    ckpt = (
+        checkpoint if checkpoint is not None else read_checkpoint(path, map_location, trust=trust)
+    )
     hparams = dict(ckpt.get("hyper_parameters") or {})
     if model is None and "model" not in hparams:
         raise CheckpointError(
