@@ -613,3 +613,35 @@ def test_checkpoints_are_read_safely_unless_trusted(tmp_path, capsys):
     assert not marker.exists()
     read_checkpoint(evil, trust=True)  # the user's explicit choice: the pickle runs
     assert marker.exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(folder, tmp_path):
+    """What a scheduler sends before it kills a job: the run saves last.ckpt after the current
+    step, says so, exits 0, and `--ckpt_path last` carries on from there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    vqkit = Path(sys.executable).with_name("vqkit")
+    cmd = [str(vqkit), *tiny_fit_args(folder, out, 10_000)]
+    env = {**os.environ, "COLUMNS": "240"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # wait until it has quantized (k-means init at step 4)
+        lines.append(line)
+        if "k-means init at step 4" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(lines) + (rest or "")
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM at step " in err and "resume with --ckpt_path last" in err
+    last = next(out.rglob("last.ckpt"))
+    saved = torch.load(last, weights_only=True)
+    step = saved["global_step"]
+    assert 5 <= step < 10_000
+    assert bool(saved["state_dict"]["model.quantizer.maintenance.0.done"])
+    cli = build_cli(tiny_fit_args(folder, out, step + 3, "--ckpt_path=last"))
+    assert cli.trainer.global_step == step + 3

@@ -562,8 +562,13 @@ def _resolve_last(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
     searches this run's new version_N folder and silently starts over)."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+    from .training.callbacks import SaveOnSigterm
     from .training.checkpoint import AtomicCheckpointIO, find_last_checkpoint
 
+    if cli.subcommand == "fit" and not any(
+        isinstance(cb, SaveOnSigterm) for cb in cli.trainer.callbacks
+    ):
+        cli.trainer.callbacks.append(SaveOnSigterm())
     strategy = cli.trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         # every checkpoint is written whole or not at all (temporary file, fsync, rename)

@@ -1,7 +1,13 @@
 """Lightning training: the module, callbacks and schedules."""
 
-from .callbacks import EvaluationCallback, TrainingSummary
-from .checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
+from .callbacks import EvaluationCallback, SaveOnSigterm, TrainingSummary
+from .checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    read_checkpoint,
+)
 from .console import ConsoleLog, setup_logging
 from .module import VQTokenizerModule
 from .progress import StepProgressBar
@@ -9,12 +15,14 @@ from .schedules import warmup_cosine
 from .vqgan import VQGANModule
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CheckpointError",
     "ConsoleLog",
     "EvaluationCallback",
     "load_model",
     "load_tokenizer",
     "read_checkpoint",
+    "SaveOnSigterm",
     "setup_logging",
     "StepProgressBar",
     "TrainingSummary",

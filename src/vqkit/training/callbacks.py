@@ -287,3 +287,26 @@ class EvaluationCallback(L.Callback):
             self._fid = None
         if "lpips" in self.metrics:
             pl_module.log("val/lpips", lpips_sum / n, sync_dist=True)
+
+
+class SaveOnSigterm(L.Callback):
+    """SIGTERM (what schedulers send before they kill a job) saves ``last.ckpt`` and ends the
+    run cleanly: Lightning stops after the current batch on SIGTERM but saves nothing. Every
+    ``vqkit fit`` carries this callback; resume with ``--ckpt_path last``."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:  # noqa: ANN001
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException):
+            return
+        ckpt = trainer.checkpoint_callback
+        dirpath = getattr(ckpt, "dirpath", None)
+        folder = Path(dirpath) if dirpath else run_dir(trainer) / "checkpoints"
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)  # every process calls it; the first one writes
+        if trainer.global_rank == 0:
+            log.warning(
+                "SIGTERM at step %d: saved %s; resume with --ckpt_path last",
+                trainer.global_step,
+                path,
+            )
