@@ -645,3 +645,93 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(folder, tmp_path):
     assert bool(saved["state_dict"]["model.quantizer.maintenance.0.done"])
     cli = build_cli(tiny_fit_args(folder, out, step + 3, "--ckpt_path=last"))
     assert cli.trainer.global_step == step + 3
+
+
+class _Poison(L.Callback):
+    """Makes chosen training steps non-finite: NaN in the encoder output (the quantizer's
+    input), in the loss (the decoder's output), or in one gradient."""
+
+    def __init__(self, where: str, steps: list[int]) -> None:
+        self.where, self.steps = where, set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        model = pl_module.model
+        poison = trainer.global_step in self.steps
+        for attr in ("_poison_handle",):
+            handle = getattr(self, attr, None)
+            if handle is not None:
+                handle.remove()
+                setattr(self, attr, None)
+        if not poison:
+            return
+        if self.where == "input":
+            hook = model.quant_conv.register_forward_hook(lambda m, i, o: o * float("nan"))
+        elif self.where == "loss":
+            hook = model.decoder.register_forward_hook(lambda m, i, o: o + float("inf"))
+        else:
+            p = next(model.decoder.parameters())
+            hook = p.register_hook(lambda g: g * float("nan"))
+        self._poison_handle = hook
+
+
+def _finite_state(module) -> bool:  # noqa: ANN001
+    return all(
+        bool(torch.isfinite(v.float()).all())
+        for v in module.state_dict().values()
+        if torch.is_floating_point(v)
+    )
+
+
+@pytest.mark.parametrize("mode", ["ema", "gradient"])
+@pytest.mark.parametrize("where", ["input", "loss", "gradient"])
+def test_non_finite_steps_are_skipped_and_counted(folder, tmp_path, where, mode):
+    """NaN/Inf injected into the quantizer's input, the loss or a gradient, after k-means init:
+    the step is skipped and counted, training goes on, and the codebook, EMA statistics and
+    reservoirs never take a non-finite value."""
+    import yaml
+
+    cfg = yaml.safe_load(TINY.read_text())
+    if mode == "gradient":
+        cfg["model"]["model"]["init_args"]["quantizer"]["init_args"]["ema"] = None
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    poison = _Poison(where, [5, 6])
+    cli = build_cli(
+        [
+            "--config",
+            str(config),
+            *tiny_args(folder, tmp_path / "run"),
+            "--trainer.max_steps=8",
+        ],
+        run=False,
+    )
+    cli.trainer.callbacks.append(poison)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    module = cli.model
+    assert module.quantizer.maintenance[0].is_done()  # it had quantized before the poison
+    assert int(module.skipped_steps) == 2
+    assert _finite_state(module)
+    # a skipped step updates no weight but still counts as a step of max_steps
+    assert cli.trainer.global_step == 8
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(folder, tmp_path):
+    cli = build_cli(
+        [
+            "--config",
+            str(TINY),
+            *tiny_args(folder, tmp_path / "run"),
+            "--trainer.max_steps=30",
+            "--model.max_bad_steps=3",
+        ],
+        run=False,
+    )
+    cli.trainer.callbacks.append(_Poison("loss", list(range(5, 30))))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"3 training steps in a row were not finite "
+        r"\(max_bad_steps=3\), the last at step 7: training loss is inf "
+        r"\(first non-finite term l1",
+    ):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert _finite_state(cli.model)

@@ -11,7 +11,7 @@ from .maintenance import (
     Maintenance,
     MaintenanceEvent,
 )
-from .quantizer import QuantizerOutput, VectorQuantizer, reset_optimizer_state
+from .quantizer import NonFiniteError, QuantizerOutput, VectorQuantizer, reset_optimizer_state
 from .regularizers import EntropyPenalty, Regularizer
 from .reservoir import ReservoirSampler
 from .usage import CodeUsage, EMAUsageStats, UsageStats, usage_stats
@@ -28,6 +28,7 @@ __all__ = [
     "LowUsageReset",
     "Maintenance",
     "MaintenanceEvent",
+    "NonFiniteError",
     "QuantizerOutput",
     "Regularizer",
     "ReservoirSampler",

@@ -26,6 +26,11 @@ from .usage import CodeUsage
 log = logging.getLogger("vqkit.quantize")
 
 
+class NonFiniteError(ValueError):
+    """A quantizer input with NaN or Inf values: raised before anything reaches the codebook,
+    the reservoirs or the statistics (the training module skips such a step)."""
+
+
 @dataclass
 class QuantizerOutput:
     """What a forward returns.
@@ -343,13 +348,21 @@ class VectorQuantizer(nn.Module):
     def _check_finite(self, x: Tensor) -> None:
         # One reduction decides the common case: a finite sum means no NaN/Inf (an overflowing
         # sum of finite values only costs the exact count below).
-        if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        together = self.training and D.is_distributed()
+        if not together and bool(torch.isfinite(x.sum(dtype=torch.float32))):
             return
-        bad = int((~torch.isfinite(x)).sum())
+        bad = (~torch.isfinite(x)).sum()
+        if together:
+            # every process decides together (training forwards are collective): one that
+            # raised alone would leave the others waiting in the next all-reduce
+            bad = D.all_reduce_sum_(bad.to(torch.float32))
+        bad = int(bad)
         if bad:
-            raise ValueError(
-                f"quantizer input has {bad} non-finite values (NaN or Inf) out of {x.numel()}; "
-                "nothing was quantized and the codebook, reservoirs and statistics are unchanged"
+            raise NonFiniteError(
+                f"quantizer input has {bad} non-finite values (NaN or Inf) out of {x.numel()}"
+                + (" (over all processes)" if together else "")
+                + "; nothing was quantized and the codebook, reservoirs and statistics are "
+                "unchanged"
             )
 
     def _to_code_space(self, flat: Tensor) -> Tensor:

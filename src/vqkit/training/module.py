@@ -5,6 +5,7 @@ inside the quantizer on its own step counter."""
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import warnings
 
@@ -18,9 +19,11 @@ from ..evaluation.metrics import psnr, ssim
 from ..evaluation.visual import image_grid
 from ..losses import VQLoss
 from ..models import VQModel
-from ..quantize import reset_optimizer_state
+from ..quantize import NonFiniteError, reset_optimizer_state
 from ..quantize.usage import UsageStats
 from .schedules import warmup_cosine
+
+_log = logging.getLogger("vqkit.training")
 
 _USAGE_FIELDS = ("utilization", "used_codes", "perplexity", "normalized_entropy", "dead_codes")
 
@@ -36,6 +39,17 @@ def codebook_stats(quantizer) -> dict[str, Tensor]:  # noqa: ANN001
         "std": c.std(),
         "norm_mean": c.norm(dim=1).mean(),
     }
+
+
+def _bad_terms(total: Tensor, terms: dict) -> str:
+    """The loss and its first non-finite term, for the message of a skipped step."""
+    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
+    first = f"first non-finite term {bad[0]}" if bad else "every term finite, their sum not"
+    return (
+        f"training loss is {float(total)} ({first}; terms: "
+        + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        + ")"
+    )
 
 
 def _images(batch) -> Tensor:  # noqa: ANN001
@@ -74,6 +88,9 @@ class VQTokenizerModule(L.LightningModule):
         usage_window_steps: log the ``window`` usage figures and start a new window this often.
         log_images_every_n_steps: reconstruction grids and usage histograms to TensorBoard.
         num_log_images: images per grid.
+        max_bad_steps: a step whose loss, quantizer input or gradients are not finite (fp16
+            overflow included) is skipped and counted (``train/skipped_steps``); this many in a
+            row stop the run with the step and the first non-finite term named.
     """
 
     # Constructor arguments a checkpoint can be loaded without (see ``load_tokenizer``).
@@ -95,6 +112,7 @@ class VQTokenizerModule(L.LightningModule):
         usage_window_steps: int = 100,
         log_images_every_n_steps: int = 500,
         num_log_images: int = 8,
+        max_bad_steps: int = 10,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -105,6 +123,8 @@ class VQTokenizerModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if usage_window_steps < 1:
             raise ValueError(f"usage_window_steps must be >= 1, got {usage_window_steps}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         _save_config(self)
         self.model = model
         self.loss = loss if loss is not None else VQLoss()
@@ -116,6 +136,9 @@ class VQTokenizerModule(L.LightningModule):
         self.register_state_dict_post_hook(_drop_perceptual_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_perceptual_keys)
         self._val_batch: Tensor | None = None
+        # steps skipped for a non-finite loss, input or gradient (resumes with the checkpoint)
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._bad_in_a_row = 0
 
     def train(self, mode: bool = True):  # noqa: ANN201
         super().train(mode)
@@ -137,15 +160,16 @@ class VQTokenizerModule(L.LightningModule):
         return self.model.quantizer
 
     # ------------------------------------------------------------------------------ training
-    def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: ANN001
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:  # noqa: ANN001
         images = _images(batch)
-        out = self.model(images)
+        try:
+            out = self.model(images)
+        except NonFiniteError as e:
+            return self._skip_step(str(e))
         total, terms = self._reconstruction_terms(images, out)
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"training loss is {float(total)} at step {self.global_step}; terms: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            )
+        if self._not_finite(total):
+            return self._skip_step(_bad_terms(total, terms))
+        self._bad_in_a_row = 0
         self._reset_replaced_rows()
         self._log_training(images, out, total, terms)
         return total
@@ -175,6 +199,56 @@ class VQTokenizerModule(L.LightningModule):
             usage.reset_window()
         if self._every(self.hparams.log_images_every_n_steps):
             self._log_pictures("train", images, out.reconstructions, usage.batch_counts)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints from before the skipped-step counter
+        state = checkpoint.get("state_dict")
+        if state is not None and "skipped_steps" not in state:
+            state["skipped_steps"] = torch.zeros((), dtype=torch.long)
+
+    # ------------------------------------------------------------------------------ bad steps
+    def _not_finite(self, total: Tensor) -> bool:
+        """Whether the loss is not finite on any process (all decide together under DDP)."""
+        bad = (~torch.isfinite(total.detach())).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        return bool(bad)
+
+    def _skip_step(self, reason: str) -> None:
+        """Skip this step (no backward, no optimizer step), count it, and stop after
+        ``max_bad_steps`` in a row. Returns None: Lightning skips a step whose training_step
+        returns None."""
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        step = self.global_step
+        self.log("train/skipped_steps", self.skipped_steps.float(), rank_zero_only=True)
+        limit = self.hparams.max_bad_steps
+        if self._bad_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self._bad_in_a_row} training steps in a row were not finite (max_bad_steps="
+                f"{limit}), the last at step {step}: {reason}"
+            )
+        if self.global_rank == 0:
+            _log.warning("step %d skipped (%d so far): %s", step, int(self.skipped_steps), reason)
+        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:  # noqa: ANN001
+        """Non-finite gradients (fp16 overflow, a NaN that reached the loss only through
+        backward): drop them all so the optimizer skips the step, and count it."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if bool(finite):
+            return
+        names = [n for n, p in self.named_parameters() if p.grad is not None]
+        first = next(
+            (n for n in names if not bool(torch.isfinite(self.get_parameter(n).grad).all())), "?"
+        )
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                p.grad = None  # AdamW leaves a parameter without a gradient untouched
+        self._skip_step(f"non-finite gradient, first in {first}")
 
     def _generator_optimizer(self):  # noqa: ANN202
         """The optimizer of the autoencoder and codebook (a subclass may add others)."""

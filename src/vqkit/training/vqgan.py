@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..losses import AdversarialLoss, VQLoss
 from ..losses.adversarial import adaptive_weight
 from ..models import VQModel
-from .module import VQTokenizerModule, _images
+from ..quantize import NonFiniteError
+from .module import VQTokenizerModule, _bad_terms, _images
 
 
 class VQGANModule(VQTokenizerModule):
@@ -72,6 +73,7 @@ class VQGANModule(VQTokenizerModule):
         usage_window_steps: int = 100,
         log_images_every_n_steps: int = 500,
         num_log_images: int = 8,
+        max_bad_steps: int = 10,
     ) -> None:
         if disc_lr <= 0:
             raise ValueError(f"disc_lr must be > 0, got {disc_lr}")
@@ -95,6 +97,7 @@ class VQGANModule(VQTokenizerModule):
             usage_window_steps=usage_window_steps,
             log_images_every_n_steps=log_images_every_n_steps,
             num_log_images=num_log_images,
+            max_bad_steps=max_bad_steps,
         )
         self.automatic_optimization = False
         self.adversarial = adversarial if adversarial is not None else AdversarialLoss()
@@ -128,7 +131,10 @@ class VQGANModule(VQTokenizerModule):
         boundary = (batch_idx + 1) % n == 0 or self.trainer.is_last_batch
 
         # ---- generator
-        out = self.model(images)
+        try:
+            out = self.model(images)
+        except NonFiniteError as e:
+            return self._skip_step(str(e))
         rec = out.reconstructions
         total, terms = self._reconstruction_terms(images, out)
         gan_w = adv.gan_weight(step)
@@ -150,11 +156,9 @@ class VQGANModule(VQTokenizerModule):
             total = total + terms["gan"]
             self.log("train/g_loss", g_loss.detach(), batch_size=bs)
             self.log("train/adaptive_weight", aw, batch_size=bs)
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"training loss is {float(total)} at step {step}; terms: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            )
+        if self._not_finite(total):
+            return self._skip_step(_bad_terms(total, terms))
+        self._bad_in_a_row = 0
         self._reset_replaced_rows()
         self.manual_backward(total / n)
 
