@@ -99,8 +99,12 @@ def test_frechet_routes_agree_on_rank_deficient_covariances():
 def test_stats_equal_numpy_mean_and_cov():
     x = torch.randn(10, 5)
     s = F.stats_from_features(x)
-    np.testing.assert_allclose(s.mu, x.double().numpy().mean(0), rtol=1e-12)
-    np.testing.assert_allclose(s.sigma, np.cov(x.double().numpy(), rowvar=False), rtol=1e-10)
+    xd = x.double().numpy()
+    scale = float(np.abs(xd).max())
+    # torch and numpy (its own BLAS) may sum in other orders: an entry near 0 needs an absolute
+    # tolerance at fp64 rounding of the data's scale (seen: 2e-16 * scale**2), not rtol alone
+    np.testing.assert_allclose(s.mu, xd.mean(0), rtol=1e-12, atol=1e-14 * scale)
+    np.testing.assert_allclose(s.sigma, np.cov(xd, rowvar=False), rtol=1e-10, atol=1e-13 * scale**2)
     assert s.n == 10
     with pytest.raises(ValueError, match="N >= 2"):
         F.stats_from_features(x[:1])
@@ -308,6 +312,8 @@ def test_every_rank_gets_the_single_process_figures(tmp_path):
     assert r0 == r1
     assert r0["images"] == single["images"] == 7
     assert seen0 + seen1 == 14  # originals and reconstructions, the padding repeat dropped
-    for k in ("psnr", "rfid", "perplexity"):
-        assert r0[k] == pytest.approx(single[k], rel=1e-6), k
+    # rFID: fp32 features of batches of 2 vs 3 (other conv kernels) through FID's cancellation
+    # (1.5e-7 relative seen); a dropped or repeated image moves it by percents
+    for k, rel in (("psnr", 1e-6), ("rfid", 1e-5), ("perplexity", 1e-6)):
+        assert r0[k] == pytest.approx(single[k], rel=rel), k
     assert r0["used_codes"] == single["used_codes"] and r0["tokens"] == single["tokens"]

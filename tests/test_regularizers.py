@@ -43,7 +43,9 @@ def test_entropy_penalty_in_losses_and_spreads_codes():
     vq = VectorQuantizer(4, 8, regularizers=[reg]).train()
     out = vq(torch.randn(64, 4))
     assert set(out.losses) == {"commitment", "codebook", "entropy"}
-    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.losses.values()), rel=1e-6)
+    terms = [v.item() for v in out.losses.values()]
+    # fp32 sum of terms that partly cancel (entropy < 0): tolerance scaled by the terms' size
+    assert out.loss.item() == pytest.approx(sum(terms), rel=1e-6, abs=1e-6 * sum(map(abs, terms)))
     out.loss.backward()
     assert vq.codebook.grad is not None
     # ... and it spreads: without it the collapsed codebook stays at one code

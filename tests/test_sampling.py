@@ -98,7 +98,8 @@ def test_decode_codes_equals_the_model_in_batches_and_checks_the_range():
     with torch.no_grad():
         expected = model.decode_indices(codes).clamp(-1, 1)
     assert images.shape == (5, 3, 16, 16)
-    torch.testing.assert_close(images, expected)
+    # batches of 2 vs 5 may take other fp32 conv kernels (2e-6 apart seen); a wrong decode is O(0.1)
+    torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"codes must be in \[0, 16\), got \[0, 16\]"):
         decode_codes(model, torch.tensor([[[0, 16]]]))
     with pytest.raises(ValueError, match="integer codes"):
