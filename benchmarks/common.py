@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from vqkit.training.callbacks import cpu_model, machine
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _HEADER = (
@@ -65,29 +67,10 @@ def timeit(
     return statistics.median(times)
 
 
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (``platform.processor()`` is empty on
-    Linux), e.g. "AMD EPYC" or "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line() -> str:
     """One line naming the machine a figure was measured on: CPU model, cores, torch threads,
-    torch (and the GPU, if any)."""
-    info = machine_info()
-    line = (
-        f"{info['cpu_model']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads, "
-        f"torch {info['torch']}"
-    )
-    if "cuda_device" in info:
-        line += f", {info['cuda_device']}"
-    return line
+    torch (and the GPU, if any): the line ``summary.json`` of a ``vqkit fit`` carries too."""
+    return machine()
 
 
 def machine_info() -> dict[str, Any]:

@@ -735,3 +735,24 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(folder, tmp_path):
     ):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert _finite_state(cli.model)
+
+
+def test_fp16_overflow_is_left_to_the_grad_scaler():
+    """Under fp16 AMP the grad scaler skips overflowing steps while it calibrates its scale;
+    the module must not count those (10 in a row at the start would stop a healthy run)."""
+    from types import SimpleNamespace
+
+    from vqkit.models import ResNetVQModel
+    from vqkit.quantize import VectorQuantizer
+    from vqkit.training import VQTokenizerModule
+
+    q = VectorQuantizer(8, 16, channel_first=True)
+    model = ResNetVQModel(q, resolution=16, base_channels=8, channel_mult=(1, 2), z_channels=8)
+    module = VQTokenizerModule(model)
+    opt = torch.optim.AdamW(module.parameters())
+    for p in module.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    module.on_before_optimizer_step(opt)
+    assert int(module.skipped_steps) == 0
+    assert all(p.grad is not None for p in module.parameters())  # the scaler's to handle

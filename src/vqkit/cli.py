@@ -556,7 +556,7 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _resolve_last(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
+def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
     """Install the atomic checkpoint writer; ``--ckpt_path last`` means the newest whole
     checkpoint of earlier runs (last*, then periodic, then best; Lightning's own "last" only
     searches this run's new version_N folder and silently starts over)."""
@@ -616,10 +616,10 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
             parser.add_lightning_class_args(ConsoleLog, "console")
             parser.add_lightning_class_args(TrainingSummary, "summary")
 
-        def _resolve_last(self) -> None:
-            _resolve_last(self)
+        def _before_run(self) -> None:
+            _before_run(self)
 
-        before_fit = before_validate = before_test = before_predict = _resolve_last
+        before_fit = before_validate = before_test = before_predict = _before_run
 
     return VQKitCLI(
         VQTokenizerModule,
@@ -650,10 +650,10 @@ def build_prior_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
             parser.link_arguments("model.tokenizer", "data.tokenizer")
             parser.add_lightning_class_args(ConsoleLog, "console")
 
-        def _resolve_last(self) -> None:
-            _resolve_last(self, "vqkit prior")
+        def _before_run(self) -> None:
+            _before_run(self, "vqkit prior")
 
-        before_fit = before_validate = before_test = before_predict = _resolve_last
+        before_fit = before_validate = before_test = before_predict = _before_run
 
     with warnings.catch_warnings():
         # `vqkit prior ...` hands LightningCLI the arguments after "prior" while sys.argv holds

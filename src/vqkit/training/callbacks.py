@@ -25,26 +25,28 @@ SUMMARY_KEYS = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``platform.processor()`` is empty on
+    Linux), e.g. "AMD EPYC"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """The machine a run's figures come from: CPU model, cores, torch threads, torch, GPU."""
     import os
 
     import torch
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if not cpu:
-        import platform
-
-        cpu = platform.processor() or platform.machine()
     line = (
-        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}"
     )
     if torch.cuda.is_available():

@@ -88,9 +88,10 @@ class VQTokenizerModule(L.LightningModule):
         usage_window_steps: log the ``window`` usage figures and start a new window this often.
         log_images_every_n_steps: reconstruction grids and usage histograms to TensorBoard.
         num_log_images: images per grid.
-        max_bad_steps: a step whose loss, quantizer input or gradients are not finite (fp16
-            overflow included) is skipped and counted (``train/skipped_steps``); this many in a
-            row stop the run with the step and the first non-finite term named.
+        max_bad_steps: a step whose loss, quantizer input or gradients are not finite is
+            skipped and counted (``train/skipped_steps``); this many in a row stop the run with
+            the step and the first non-finite term named. fp16 AMP overflows are the grad
+            scaler's to skip and are not counted.
     """
 
     # Constructor arguments a checkpoint can be loaded without (see ``load_tokenizer``).
@@ -233,18 +234,22 @@ class VQTokenizerModule(L.LightningModule):
         return None
 
     def on_before_optimizer_step(self, optimizer) -> None:  # noqa: ANN001
-        """Non-finite gradients (fp16 overflow, a NaN that reached the loss only through
-        backward): drop them all so the optimizer skips the step, and count it."""
+        """Non-finite gradients (a NaN that reached the loss only through backward): drop them
+        all so the optimizer skips the step, and count it. Under fp16 AMP the grad scaler
+        already skips overflowing steps while it calibrates its scale; those are its own, not
+        counted (a run would otherwise stop during the first steps' calibration)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if bool(finite):
+        # one fused reduction per step (a non-finite entry makes its tensor's norm non-finite)
+        norms = torch.stack(torch._foreach_norm(grads))
+        if bool(torch.isfinite(norms).all()):
             return
-        names = [n for n, p in self.named_parameters() if p.grad is not None]
-        first = next(
-            (n for n in names if not bool(torch.isfinite(self.get_parameter(n).grad).all())), "?"
-        )
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        names = {id(p): n for n, p in self.named_parameters()}
+        first = names.get(id(params[int((~torch.isfinite(norms)).nonzero()[0])]), "?")
         for g in optimizer.param_groups:
             for p in g["params"]:
                 p.grad = None  # AdamW leaves a parameter without a gradient untouched
