@@ -418,8 +418,8 @@ def test_find_last_checkpoint_searches_every_layout_and_takes_the_newest(tmp_pat
     v0 = touch(tmp_path / "logs/tensorboard/version_0/checkpoints/last.ckpt", 10**18)
     assert find_last_checkpoint(trainer) == v0
     v3 = touch(tmp_path / "logs/tensorboard/version_3/checkpoints/last-v1.ckpt", 2 * 10**18)
-    touch(tmp_path / "logs/tensorboard/version_3/checkpoints/periodic-step=9.ckpt", 9 * 10**18)
-    assert find_last_checkpoint(trainer) == v3  # newest last*, then periodic, then best
+    touch(tmp_path / "logs/tensorboard/version_3/checkpoints/periodic-step=9.ckpt", 15 * 10**17)
+    assert find_last_checkpoint(trainer) == v3  # the newest of last* and periodic
     explicit = touch(tmp_path / "explicit/last.ckpt", 3 * 10**18)
     assert find_last_checkpoint(trainer) == explicit
     no_logger = touch(tmp_path / "root/checkpoints/last.ckpt", 4 * 10**18)
@@ -441,6 +441,13 @@ def test_find_last_checkpoint_searches_every_layout_and_takes_the_newest(tmp_pat
     periodic = tmp_path / "logs/tensorboard/version_3/checkpoints/periodic-step=9.ckpt"
     best = touch(tmp_path / "logs/tensorboard/version_3/checkpoints/best-step=5.ckpt", 10**19)
     assert find_last_checkpoint(trainer, said.append) == periodic
+    # a periodic checkpoint newer than every last* (a kill before last.ckpt was rewritten)
+    v5 = tmp_path / "logs/tensorboard/version_5/checkpoints"
+    newer = touch(v5 / "periodic-step=12.ckpt", 11 * 10**18)
+    touch(v5 / "last.ckpt", 10 * 10**18)
+    assert find_last_checkpoint(trainer, said.append) == newer
+    for p in [newer, v5 / "last.ckpt"]:
+        p.unlink()
     periodic.write_bytes(b"garbage")
     assert find_last_checkpoint(trainer, said.append) == best
     # leftovers of interrupted atomic writes are removed, and said so

@@ -558,7 +558,7 @@ def _say(message: str) -> None:
 
 def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
     """Install the atomic checkpoint writer; ``--ckpt_path last`` means the newest whole
-    checkpoint of earlier runs (last*, then periodic, then best; Lightning's own "last" only
+    checkpoint of earlier runs (last* or periodic, else best; Lightning's own "last" only
     searches this run's new version_N folder and silently starts over)."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 

@@ -207,22 +207,22 @@ def _checkpoint_folders(trainer) -> list[Path]:  # noqa: ANN001
 
 
 def _tier(path: Path) -> int:
-    """Resume order: ``last`` files, then periodic (any other name), then ``best``."""
-    name = path.name.lower()
-    return 0 if name.startswith("last") else 2 if name.startswith("best") else 1
+    """Resume order: ``last`` and periodic files (any name but ``best*``), then ``best``."""
+    return 1 if path.name.lower().startswith("best") else 0
 
 
 def resume_candidates(trainer) -> list[Path]:  # noqa: ANN001
     """Every checkpoint an earlier run with this trainer's settings wrote, in the order
-    ``--ckpt_path last`` tries them: ``last*.ckpt`` newest first, then the others (periodic)
-    newest first, then ``best*`` newest first."""
+    ``--ckpt_path last`` tries them: ``last*`` and periodic checkpoints newest first (a kill
+    between writing ``periodic-step=N`` and ``last.ckpt`` resumes from step N), then ``best*``
+    newest first."""
     found = {p for f in _checkpoint_folders(trainer) for p in f.glob("*.ckpt") if p.is_file()}
     return sorted(found, key=lambda p: (_tier(p), -p.stat().st_mtime_ns, str(p)))
 
 
 def find_last_checkpoint(trainer, report=None) -> Path | None:  # noqa: ANN001
     """The newest checkpoint an earlier run with this trainer's settings wrote that is whole,
-    or None: a ``last*.ckpt``, else the newest periodic one, else the newest ``best*``.
+    or None: the newest ``last*`` or periodic one, else the newest ``best*``.
 
     Lightning's own ``ckpt_path="last"`` only looks in this run's checkpoint folder. With a
     logger that folder is ``<save_dir>/<name>/version_<N>/checkpoints`` and every run gets a
