@@ -282,8 +282,14 @@ def _guarded(prog: str, run, args: argparse.Namespace, *errors: type[Exception])
     from .training.checkpoint import CheckpointError
 
     try:
+        if getattr(args, "output_dir", None):
+            # a read-only, full or impossible output folder: said before any work is done
+            from pathlib import Path
+
+            _check_writable(Path(args.output_dir).expanduser())
         return run(args)
-    except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError, *errors) as e:
+    except (CheckpointError, OSError, ValueError, *errors) as e:
+        # OSError: a file or folder that is missing, unreadable or not writable, a full disk
         print(f"vqkit {prog}: error: {e}", file=sys.stderr)
         return 1
 
@@ -533,7 +539,11 @@ def _load_sampling_prior(args: argparse.Namespace, model, grid, device):  # noqa
         return None
     from .prior import load_prior_transformer
 
-    transformer = load_prior_transformer(args.prior, trust=args.trust_checkpoint).to(device)
+    # a prior records its tokenizer's sha256: --ckpt must be that tokenizer, not merely one with
+    # the same codebook size and grid
+    transformer = load_prior_transformer(
+        args.prior, trust=args.trust_checkpoint, tokenizer=model, tokenizer_file=args.ckpt
+    ).to(device)
     k = model.quantizer.codebook_size
     if transformer.codebook_size != k or transformer.grid != tuple(grid):
         raise ValueError(
@@ -548,12 +558,79 @@ def _sample_main(argv: Sequence[str]) -> int:
     return _guarded("sample", _run_sample, _sample_parser().parse_args(list(argv)), OSError)
 
 
+_STRUCTURE = (
+    "Parser key",
+    "Does not validate",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+    "Problem with given class_path",
+)
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's nested report of a bad config value ("Parser key ... Does not validate
+    against any of the Union subtypes ... Given value: NestedArg(...)", 10-20 lines) as one
+    line: the full key and the innermost reason."""
+    lines = [line.strip().removeprefix("- ").strip() for line in message.splitlines()]
+    lines = [line for line in lines if line]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    import re
+
+    leaf = next((line for line in lines if not line.startswith(_STRUCTURE)), None)
+    if leaf is None:  # the reason sits after "Problem with given class_path '...':"
+        tails = [line.split("':", 1)[1].strip() for line in lines if "':" in line]
+        leaf = next((t for t in tails if t), lines[-1])
+    top = re.match(r'Parser key "([^"]+)"', lines[0])
+    nested = re.findall(r"NestedArg\(key='([^']+)'", message)  # the outermost one is last
+    key = ".".join(k for k in (top and top.group(1), nested and nested[-1]) if k)
+    if not key:
+        key = ".".join(re.findall(r'Parser key "([^"]+)"', message))
+    return f"--{key}: {leaf}" if key else leaf
+
+
+def _parser_class():  # noqa: ANN202
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class VQKitArgumentParser(LightningArgumentParser):
+        """Config errors in one line, ``vqkit <command>: error: --key: reason``, exit 2."""
+
+        def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            print(
+                f"{prog}: error: {condense_parser_error(str(message))} ({prog} --help lists "
+                "the options)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+    return VQKitArgumentParser
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The exception a config error started from (jsonargparse wraps a class's own ValueError
+    in its Union report)."""
+    seen = set()
+    while err.__cause__ is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    return err
+
+
 def _say(message: str) -> None:
     """One line on stderr from the first process only (every DDP process runs the CLI)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
         print(message, file=sys.stderr)
+
+
+_CONFIGURED = False
 
 
 def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
@@ -565,6 +642,9 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
     from .training.callbacks import SaveOnSigterm
     from .training.checkpoint import AtomicCheckpointIO, find_last_checkpoint
 
+    global _CONFIGURED
+    _CONFIGURED = True  # every class is built: errors from here on are not config errors
+
     if cli.subcommand == "fit" and not any(
         isinstance(cb, SaveOnSigterm) for cb in cli.trainer.callbacks
     ):
@@ -574,6 +654,10 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
         # every checkpoint is written whole or not at all (temporary file, fsync, rename)
         strategy.checkpoint_io = AtomicCheckpointIO()
     cfg = cli.config_init[cli.subcommand]
+    for folder in _output_folders(cli.trainer):
+        _check_writable(folder)
+    if cfg.get("ckpt_path") not in (None, "last"):
+        _check_resume(cli, prog, cfg["ckpt_path"])
     if cfg.get("ckpt_path") != "last":
         return
     found = find_last_checkpoint(
@@ -595,6 +679,55 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
         what = "resuming" if cli.subcommand == "fit" else "using"
         _say(f"{prog} {cli.subcommand}: {what} {found}")
         cfg["ckpt_path"] = str(found)
+        _check_resume(cli, prog, found)
+
+
+class RunFolderError(OSError):
+    """An output folder that cannot be created or written (read-only, a file in the way)."""
+
+
+def _output_folders(trainer) -> list:  # noqa: ANN001
+    """The folders a run writes: its root, the logger's and every explicit checkpoint dirpath
+    (only rank 0 writes them; the others check nothing)."""
+    from pathlib import Path
+
+    if getattr(trainer, "global_rank", 0) != 0:
+        return []
+    folders = [trainer.default_root_dir]
+    logger = getattr(trainer, "logger", None)
+    if logger is not None and getattr(logger, "save_dir", None):
+        folders.append(logger.save_dir)
+    folders += [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return list(dict.fromkeys(Path(f).expanduser() for f in folders if f and "://" not in str(f)))
+
+
+def _check_writable(folder) -> None:  # noqa: ANN001
+    """Create ``folder`` and write, fsync and remove a small file in it: a read-only, full or
+    impossible output folder is a one-line error before training, not a traceback at the first
+    checkpoint."""
+    import os
+
+    probe = folder / f".vqkit-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"vqkit")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise RunFolderError(
+            f"cannot write to the output folder {str(folder)!r}: {e.strerror or e}"
+        ) from e
+
+
+def _check_resume(cli, prog: str, path) -> None:  # noqa: ANN001
+    from .training.checkpoint import CheckpointError, check_checkpoint_fits
+
+    try:
+        check_checkpoint_fits(path, cli.model)
+    except CheckpointError as e:
+        raise CheckpointError(f"--ckpt_path: {e}") from e
 
 
 def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
@@ -619,6 +752,20 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
         def _before_run(self) -> None:
             _before_run(self)
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyperparameters here, with a traceback for a
+            # file that is not a checkpoint: one line instead, naming the file and why
+            from .training.checkpoint import CheckpointError, check_checkpoint_kind
+
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            if path and path not in ("last", "best", "hpc", "registry"):
+                try:
+                    check_checkpoint_kind(path)
+                except CheckpointError as e:
+                    raise CheckpointError(f"--ckpt_path: {e}") from e
+            super()._parse_ckpt_path()
+
         before_fit = before_validate = before_test = before_predict = _before_run
 
     return VQKitCLI(
@@ -628,6 +775,7 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "vqkit", "default_env": False},
+        parser_class=_parser_class(),
         auto_configure_optimizers=False,
         # Any VQTokenizerModule subclass by class_path; without one, the plain VQ-VAE module
         # (so `model: {model: ..., lr: ...}` configs and `--model.lr` keys keep working).
@@ -752,17 +900,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vqkit prior: error: {e}", file=sys.stderr)
             return 1
         return 0
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from .data.images import DataError
     from .training.checkpoint import CheckpointError
+
+    global _CONFIGURED
+    _CONFIGURED = False
+    from .training.checkpoint import CheckpointWriteError
 
     try:
         # LightningCLI reads sys.argv itself when run as the `vqkit` command (given both, it
         # warns).
         build_cli(None if from_command_line else argv)
-    except (DataError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+    except (
+        DataError,
+        CheckpointError,
+        CheckpointWriteError,
+        RunFolderError,
+        FileNotFoundError,
+        NotADirectoryError,
+    ) as e:
         # bad data or a bad checkpoint path: one line, before training starts
         print(f"vqkit {argv[0]}: error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        if _CONFIGURED:  # raised in training: a bug or a fault, with its traceback
+            raise
+        # a value a class refused while the config was built (a negative size, an unknown
+        # choice, a device that is not there): one line, before training starts
+        reason = condense_parser_error(str(_innermost(e)))
+        print(f"vqkit {argv[0]}: error: {reason}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,10 @@ _WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 # Beyond this many failed substitutes in one __getitem__ something is systematically wrong.
 _MAX_SUBSTITUTES = 16
 _EXIF_ORIENTATION = 0x0112
+# Larger images are refused before their pixels are decoded (a decompression bomb: a small file
+# that expands to gigabytes). PIL's own default: it warns above this and refuses above twice it.
+# Set vqkit.data.images.MAX_IMAGE_PIXELS (in every process that loads images) to change it.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class UnreadableImageError(OSError):
@@ -101,7 +106,20 @@ def to_rgb(img: Image.Image, background: RGB = WHITE) -> Image.Image:
 def _open_rgb(path: Path, background: RGB, draft_size: int | None = None) -> Image.Image:
     """Open, fully decode (so truncation fails here) and convert to RGB; errors name the file."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # vqkit decides below, from the header, before any pixel is decoded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                why = (
+                    f"{w} x {h} = {w * h:,} pixels is more than MAX_IMAGE_PIXELS "
+                    f"({MAX_IMAGE_PIXELS:,}; a decompression bomb?)"
+                )
+                raise UnreadableImageError(f"cannot read image {str(path)!r}: {why}") from (
+                    ValueError(why)
+                )
             if draft_size is not None and img.format == "JPEG":
                 # Let libjpeg decode big photos at a reduced scale; both sides stay >= draft_size.
                 img.draft(None, (draft_size, draft_size))
@@ -112,27 +130,35 @@ def _open_rgb(path: Path, background: RGB, draft_size: int | None = None) -> Ima
             rgb = to_rgb(oriented, background)
             # The opened image is destroyed when `with` closes it; hand back an independent one.
             return rgb.copy() if rgb is img else rgb
+    except UnreadableImageError:
+        raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"cannot read image {str(path)!r}: {err}") from err
 
 
 def _square(img: Image.Image, image_size: int, square: Square, background: RGB) -> Image.Image:
     w, h = img.size
-    if square == "crop":
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        box: tuple[int, int, int, int] | None = (left, top, left + side, top + side)
-    else:
+    if square == "pad" and w != h:
+        # Shrink the long side to image_size first, then pad: padding first would build a
+        # side x side canvas (100,000 x 100,000 pixels for a 100,000 x 10 strip).
         side = max(w, h)
-        if w != h:
-            canvas = Image.new("RGB", (side, side), background)
-            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-            img = canvas
-        box = None
-    if side == image_size and (box is None or (w, h) == (side, side)):
+        size = (max(1, round(w * image_size / side)), max(1, round(h * image_size / side)))
+        if size != (w, h):
+            img = img.resize(size, Image.LANCZOS, reducing_gap=3.0)
+        canvas = Image.new("RGB", (image_size, image_size), background)
+        canvas.paste(img, ((image_size - size[0]) // 2, (image_size - size[1]) // 2))
+        return canvas
+    side = min(w, h)
+    if side == image_size and w == h:
         return img
+    left, top = (w - side) // 2, (h - side) // 2
     # reducing_gap: box-reduce first for big shrink factors, then Lanczos; visually identical.
-    return img.resize((image_size, image_size), Image.LANCZOS, box=box, reducing_gap=3.0)
+    return img.resize(
+        (image_size, image_size),
+        Image.LANCZOS,
+        box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )
 
 
 def pil_to_tensor(img: Image.Image) -> Tensor:

@@ -84,6 +84,8 @@ class Encoder(nn.Module):
             base_channels, channel_mult, num_res_blocks, attn_resolutions, resolution
         )
         self.in_channels = in_channels
+        if z_channels < 1:
+            raise ValueError(f"z_channels must be >= 1, got {z_channels}")
         self.z_channels = z_channels
         self.down_factor = 2 ** (len(mult) - 1)
         kw = {"norm_groups": norm_groups, "norm_type": norm_type}
@@ -142,6 +144,8 @@ class Decoder(nn.Module):
             base_channels, channel_mult, num_res_blocks, attn_resolutions, resolution
         )
         self.out_channels = out_channels
+        if z_channels < 1:
+            raise ValueError(f"z_channels must be >= 1, got {z_channels}")
         self.z_channels = z_channels
         self.down_factor = 2 ** (len(mult) - 1)
         kw = {"norm_groups": norm_groups, "norm_type": norm_type}

@@ -27,8 +27,9 @@ log = logging.getLogger("vqkit.quantize")
 
 
 class NonFiniteError(ValueError):
-    """A quantizer input with NaN or Inf values: raised before anything reaches the codebook,
-    the reservoirs or the statistics (the training module skips such a step)."""
+    """A quantizer input with NaN or Inf values, or values so large that their squared
+    distances overflow float32: raised before anything reaches the codebook, the reservoirs or
+    the statistics (the training module skips such a step)."""
 
 
 @dataclass
@@ -346,23 +347,38 @@ class VectorQuantizer(nn.Module):
         return x.movedim(-1, 1) if self.channel_first else x
 
     def _check_finite(self, x: Tensor) -> None:
-        # One reduction decides the common case: a finite sum means no NaN/Inf (an overflowing
-        # sum of finite values only costs the exact count below).
+        # One reduction decides the common case: a finite fp32 sum of squares means no NaN/Inf
+        # and no value whose squared distance to a code overflows fp32 (|x| up to ~1e19 is
+        # fine; an encoder output that large is a diverged run, not data).
         together = self.training and D.is_distributed()
-        if not together and bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        # (fp64 is narrowed first: the quantizer computes in fp32, where 1e200 is Inf)
+        xs = x.float() if x.dtype == torch.float64 else x
+        norm = torch.linalg.vector_norm(xs, dtype=torch.float32) if x.numel() else None
+        if not together and (norm is None or bool(torch.isfinite(norm))):
             return
-        bad = (~torch.isfinite(x)).sum()
+        bad = (~torch.isfinite(x)).sum(dtype=torch.float32)
+        huge = x.new_zeros((), dtype=torch.float32) if norm is None else (~norm.isfinite()).float()
         if together:
             # every process decides together (training forwards are collective): one that
             # raised alone would leave the others waiting in the next all-reduce
-            bad = D.all_reduce_sum_(bad.to(torch.float32))
-        bad = int(bad)
+            both = D.all_reduce_sum_(torch.stack([bad, huge]))
+            bad, huge = both[0], both[1]
+        bad, huge = int(bad), int(huge)
+        where = " (over all processes)" if together else ""
+        unchanged = (
+            "; nothing was quantized and the codebook, reservoirs and statistics are unchanged"
+        )
         if bad:
             raise NonFiniteError(
                 f"quantizer input has {bad} non-finite values (NaN or Inf) out of {x.numel()}"
-                + (" (over all processes)" if together else "")
-                + "; nothing was quantized and the codebook, reservoirs and statistics are "
-                "unchanged"
+                + where
+                + unchanged
+            )
+        if huge:
+            top = float(x.detach().abs().max()) if x.numel() else 0.0
+            raise NonFiniteError(
+                f"quantizer input is too large (max |value| {top:.3g}{where}): its squared "
+                "distances overflow float32" + unchanged
             )
 
     def _to_code_space(self, flat: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ model=...)``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -62,6 +63,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, read-only or vanished folder): the
+    checkpoints written before it are whole (writes are atomic)."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer with :func:`atomic_save` for local paths (remote URLs go
     to Lightning's own writer). ``vqkit fit`` installs it; with a plain Trainer pass
@@ -72,7 +78,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_save(checkpoint, path)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {e.strerror or e}; the checkpoints written "
+                "before it are whole (resume with --ckpt_path last once there is room)",
+            ) from e
         return None
 
 
@@ -122,9 +134,75 @@ def read_checkpoint(
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
+    except Exception as e:  # noqa: BLE001  (the weights-only reader fails in many ways)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e!r})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt
+
+
+def check_checkpoint_kind(path: str | Path, *, prior: bool = False) -> dict:
+    """The checkpoint at ``path``, memory-mapped and read without unpickling code, or a
+    one-line :class:`CheckpointError` if it is truncated, not a PyTorch file, not a Lightning
+    checkpoint or a prior's (``vqkit fit --ckpt_path`` checks this before Lightning reads it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = (
+            f"holds Python objects a safe load refuses ({refused.group(1)})"
+            if refused
+            else ("is not a readable PyTorch checkpoint")
+        )
+        raise CheckpointError(f"{path} {what}") from e
+    except Exception as e:  # noqa: BLE001  (the weights-only reader fails in many ways)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e!r})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    hp = ckpt.get("hyper_parameters") or {}
+    if "tokenizer" in hp and "model" not in hp and not prior:
+        raise CheckpointError(
+            f"{path} is a prior checkpoint (vqkit prior), not a tokenizer's; pass it to "
+            "vqkit sample --prior"
+        )
+    return ckpt
+
+
+def check_checkpoint_fits(path: str | Path, module: nn.Module) -> None:
+    """Raise :class:`CheckpointError` in one line if ``path`` is not a checkpoint of
+    ``module`` (other tensor shapes, a VQ-GAN's for a VQ-VAE, a prior's), before Lightning's
+    restore fails with a traceback mid-setup. Reads the file memory-mapped, without unpickling
+    code."""
+    prior = "tokenizer" in getattr(module, "hparams", {})
+    sd = check_checkpoint_kind(path, prior=prior)["state_dict"]
+    own = module.state_dict()
+    legacy = ".reservoir"  # older reservoir keys are migrated on load
+
+    def _sample(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in sd and legacy not in k]
+    extra = [k for k in sd if k not in own and legacy not in k]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} tensors of other shapes ({_sample(shapes)})")
+    if missing:
+        problems.append(f"{len(missing)} of the model's tensors missing ({_sample(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} tensors the model does not have ({_sample(extra)})")
+    if problems:
+        raise CheckpointError(f"{path} is not a checkpoint of this model: " + "; ".join(problems))
 
 
 def load_tokenizer(
@@ -150,7 +228,15 @@ def load_tokenizer(
     ckpt = (
         checkpoint if checkpoint is not None else read_checkpoint(path, map_location, trust=trust)
     )
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    # Lightning's instantiation turns the config's dicts into Namespaces in place: a copy, so
+    # the caller's checkpoint dict stays plain (and saveable with weights_only readers)
+    ckpt = {**ckpt, "hyper_parameters": copy.deepcopy(ckpt.get("hyper_parameters") or {})}
+    hparams = dict(ckpt["hyper_parameters"])
+    if "tokenizer" in hparams and "model" not in hparams:
+        raise CheckpointError(
+            f"{path} is a prior checkpoint (vqkit prior), not a tokenizer's; pass it to "
+            "vqkit sample --prior"
+        )
     if model is None and "model" not in hparams:
         raise CheckpointError(
             f"{path} does not record its model config (it was not written by `vqkit fit`); "
