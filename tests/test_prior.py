@@ -1,7 +1,9 @@
 """The transformer prior over code grids: causality, cached sampling, filtering, learning a toy
-distribution, the token data module and its cache, and `vqkit prior fit` / `vqkit sample
---prior` end to end on a tiny tokenizer."""
+distribution, the token data module and its cache, `vqkit prior fit` / `vqkit sample --prior`
+end to end on a tiny tokenizer, and the tokenizer a prior checkpoint carries."""
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,9 @@ from vqkit.prior import (
     load_prior,
     load_prior_transformer,
     sample_logits,
+    tokenizer_digest,
 )
+from vqkit.training.checkpoint import CheckpointError
 
 PRIOR_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "prior" / "quickstart.yaml"
 
@@ -141,12 +145,36 @@ def test_token_data_encodes_the_tokenizers_split_and_caches_it(tokenizer, tmp_pa
     assert all(tuple(c.flatten().tolist()) in all_codes for c in dm.val_codes.long())
     assert len(list(tmp_path.glob("*.pt"))) == 1
     # a second data module reads the cache instead of encoding
+    encode = prior_data.encode_dataset
     monkeypatch.setattr(prior_data, "encode_dataset", lambda *a, **k: pytest.fail("encoded"))
     again = TokenDataModule(tokenizer=str(ckpt), batch_size=4, cache_dir=str(tmp_path))
     again.setup("fit")
     assert torch.equal(again.train_codes, dm.train_codes)
     batch = next(iter(again.train_dataloader()))[0]
     assert batch.shape == (4, 8, 8)
+    # The cache is keyed by the tokenizer's weights, not its file: a moved copy reads it...
+    moved = tmp_path / "moved" / "tokenizer.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    kw = {"batch_size": 4, "cache_dir": str(tmp_path)}
+    relocated = TokenDataModule(tokenizer=str(moved), **kw)
+    relocated.setup("fit")
+    assert torch.equal(relocated.train_codes, dm.train_codes)
+    # ...and other weights written over that file, with its size and time stamp (all the old
+    # key saw), are encoded afresh
+    state = torch.load(moved, weights_only=True)
+    torch.save(state, moved)  # as torch.save writes it, so the other weights take the same size
+    st = moved.stat()
+    state["state_dict"]["model.encoder.conv_in.weight"] += 0.5
+    torch.save(state, moved)
+    os.utime(moved, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (moved.stat().st_size, moved.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    calls = []
+    monkeypatch.setattr(
+        prior_data, "encode_dataset", lambda *a, **k: calls.append(1) or encode(*a, **k)
+    )
+    TokenDataModule(tokenizer=str(moved), **kw).setup("fit")
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.pt"))) == 2  # train + val, a new file
 
 
 def _prior_args(tok: Path, out: Path, cache: Path, *extra: str) -> list[str]:
@@ -187,7 +215,7 @@ def test_prior_fit_then_sample_and_complete(tokenizer, tmp_path, capsys):
     assert 0 < float(logged["val/unigram_bits"]) <= 6  # K = 64 codes: at most 6 bits
     prior_ckpt = next((tmp_path / "run").rglob("last.ckpt"))
     state = torch.load(prior_ckpt, weights_only=False)
-    assert all(k.startswith("transformer.") for k in state["state_dict"])  # tokenizer not saved
+    assert all(k.startswith("transformer.") for k in state["state_dict"])  # tokenizer not trained
     assert state["hyper_parameters"]["tokenizer"] == str(ckpt.resolve())
     prior = load_prior(prior_ckpt)
     assert prior.transformer.grid == (8, 8) and prior.transformer.codebook_size == 64
@@ -280,3 +308,185 @@ def test_fast_dev_run_of_every_prior_config(config, tokenizer, tmp_path):
     assert cli.model.transformer.grid == (8, 8)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
+
+
+# ------------------------------------------------------------ the tokenizer a prior carries
+@pytest.fixture(scope="module")
+def trained_prior(tokenizer, tmp_path_factory):
+    """A 4-step prior trained on a copy of the tiny tokenizer (tests move that copy about and
+    put it back), and that copy."""
+    ckpt, _ = tokenizer
+    root = tmp_path_factory.mktemp("prior_carries")
+    tok = root / "tokenizer.ckpt"
+    shutil.copy(ckpt, tok)
+    assert main(["prior", *_prior_args(tok, root / "run", root / "cache")]) == 0
+    return next((root / "run").rglob("last.ckpt")), tok
+
+
+def _nudged(tok: Path, out: Path, key: str = "model.decoder.conv_out.weight") -> Path:
+    """Another tokenizer: ``tok`` with one weight changed."""
+    state = torch.load(tok, weights_only=True)
+    state["state_dict"][key] += 1e-3
+    torch.save(state, out)
+    return out
+
+
+def test_a_prior_checkpoint_carries_its_tokenizer_and_samples_without_the_file(
+    trained_prior, tmp_path
+):
+    from vqkit.evaluation.sampling import decode_codes
+    from vqkit.training import load_model
+
+    prior_ckpt, tok = trained_prior
+    # a safe load reads it: plain containers of tensors, strings and numbers only
+    state = torch.load(prior_ckpt, map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["tokenizer"] == str(tok.resolve())
+    carried, original = state["tokenizer"], load_model(tok)
+    assert carried["state_dict"].keys() == original.state_dict().keys()
+    for k, v in original.state_dict().items():
+        assert torch.equal(carried["state_dict"][k], v), k
+    assert carried["sha256"] == tokenizer_digest(original) and carried["image_size"] == 32
+    assert all(k.startswith("transformer.") for k in state["state_dict"])
+
+    def draw(prior):  # noqa: ANN001, ANN202
+        g = torch.Generator().manual_seed(0)
+        codes = prior.transformer.generate(4, top_k=8, generator=g)
+        return codes, decode_codes(prior.tokenizer_model, codes)
+
+    codes, images = draw(load_prior(prior_ckpt))
+    assert torch.equal(images, decode_codes(original, codes))  # as the file decodes them
+    away = tmp_path / "elsewhere.ckpt"
+    tok.rename(away)
+    try:
+        assert not tok.exists()  # the path the prior recorded
+        prior = load_prior(prior_ckpt)
+        assert prior.tokenizer_sha256 == carried["sha256"]
+        again, pictures = draw(prior)
+        assert torch.equal(again, codes) and torch.equal(pictures, images)
+        # a cast of the prior leaves the tokenizer's weights (and so its digest) as they were
+        assert tokenizer_digest(prior.double().tokenizer_model) == carried["sha256"]
+        # given explicitly at its new place: the same weights, accepted
+        assert load_prior(prior_ckpt, tokenizer=away).tokenizer_sha256 == carried["sha256"]
+        out = tmp_path / "samples"
+        argv = ["sample", "--ckpt", str(away), "--prior", str(prior_ckpt), "--output-dir", str(out)]
+        assert main([*argv, "--num", "3", "--top-k", "8"]) == 0
+        assert np.load(out / "samples_codes.npy").shape == (3, 8, 8)
+    finally:
+        away.rename(tok)
+
+
+def test_a_swapped_tokenizer_is_refused_naming_both_files(trained_prior, tmp_path, capsys):
+    from vqkit.training import load_model
+
+    prior_ckpt, tok = trained_prior
+    other = _nudged(tok, tmp_path / "other.ckpt")  # one decoder weight: the pictures change
+    # recomputed usage counts do not make another tokenizer
+    counts = torch.load(tok, weights_only=True)
+    counts["state_dict"]["model.quantizer.usage.eval_counts"].zero_()
+    torch.save(counts, tmp_path / "recounted.ckpt")
+    digest = tokenizer_digest(load_model(tok))
+    assert tokenizer_digest(load_model(tmp_path / "recounted.ckpt")) == digest
+    assert tokenizer_digest(load_model(other)) != digest
+    assert load_prior(prior_ckpt, tokenizer=tmp_path / "recounted.ckpt").tokenizer_sha256 == digest
+
+    def refused(call) -> str:  # noqa: ANN001
+        with pytest.raises(CheckpointError, match="the prior was trained on other codes") as e:
+            call()
+        message = str(e.value)
+        assert str(other) in message and str(prior_ckpt) in message and "\n" not in message
+        return message
+
+    refused(lambda: load_prior(prior_ckpt, tokenizer=other))
+    refused(lambda: load_prior_transformer(prior_ckpt, tokenizer=other))
+    refused(
+        lambda: load_prior_transformer(
+            prior_ckpt, tokenizer=load_model(other), tokenizer_file=other
+        )
+    )
+    # vqkit sample: the same codebook size and grid, but not the tokenizer the prior learned
+    argv = [
+        "sample",
+        "--ckpt",
+        str(other),
+        "--prior",
+        str(prior_ckpt),
+        "--output-dir",
+        str(tmp_path / "s"),
+    ]
+    assert main([*argv, "--num", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vqkit sample: error: ") and len(err.strip().splitlines()) == 1
+    assert "trained on other codes" in err and str(other) in err and str(prior_ckpt) in err
+    assert not (tmp_path / "s" / "samples.png").exists()
+    # written over the file the prior records: load_prior does not read that file
+    backup = tmp_path / "backup.ckpt"
+    shutil.copy2(tok, backup)
+    shutil.copyfile(other, tok)
+    try:
+        assert tokenizer_digest(load_model(tok)) != digest
+        assert load_prior(prior_ckpt).tokenizer_sha256 == digest
+    finally:
+        shutil.copyfile(backup, tok)
+
+
+def test_resuming_a_prior_checks_its_tokenizer(trained_prior, tmp_path, capsys):
+    prior_ckpt, tok = trained_prior
+    resume = ["--ckpt_path", str(prior_ckpt), "--trainer.max_steps=6"]
+    args = _prior_args(tok, tmp_path / "resumed", tmp_path / "cache", *resume)
+    assert main(["prior", *args]) == 0
+    last = torch.load(next((tmp_path / "resumed").rglob("last.ckpt")), weights_only=True)
+    assert last["global_step"] == 6  # went on from step 4
+    assert (
+        last["tokenizer"]["sha256"]
+        == torch.load(prior_ckpt, weights_only=True)["tokenizer"]["sha256"]
+    )
+    # another tokenizer written over the file: resuming with it is refused before any step
+    backup = tmp_path / "backup.ckpt"
+    shutil.copy2(tok, backup)
+    _nudged(tok, tok)
+    try:
+        capsys.readouterr()
+        args = _prior_args(tok, tmp_path / "swapped", tmp_path / "cache", *resume)
+        assert main(["prior", *args]) == 1
+        err = capsys.readouterr().err
+        assert f"vqkit prior: error: {tok.resolve()} is not the tokenizer {prior_ckpt}" in err
+        assert "trained on other codes" in err
+        assert not list((tmp_path / "swapped").rglob("*.ckpt"))
+    finally:
+        shutil.copyfile(backup, tok)
+
+
+def test_an_old_prior_checkpoint_reads_its_tokenizer_from_the_path(trained_prior, tmp_path):
+    prior_ckpt, tok = trained_prior
+    state = torch.load(prior_ckpt, weights_only=True)
+    digest = state.pop("tokenizer")["sha256"]
+    torch.save(state, tmp_path / "old.ckpt")  # written before priors carried their tokenizer
+    assert load_prior(tmp_path / "old.ckpt").tokenizer_sha256 == digest  # read from tok
+    # the file gone: one line naming it and the way out
+    gone = tmp_path / "gone.ckpt"
+    state["hyper_parameters"]["tokenizer"] = str(gone)
+    torch.save(state, tmp_path / "old_gone.ckpt")
+    with pytest.raises(CheckpointError) as e:
+        load_prior(tmp_path / "old_gone.ckpt")
+    message = str(e.value)
+    assert f"{gone} is gone" in message and "load_prior(path, tokenizer=...)" in message
+    assert "\n" not in message
+    assert load_prior(tmp_path / "old_gone.ckpt", tokenizer=tok).tokenizer_sha256 == digest
+    # a sha256 recorded without the weights: the file at the path must match it
+    state["tokenizer"] = {"sha256": digest}
+    state["hyper_parameters"]["tokenizer"] = str(_nudged(tok, tmp_path / "other.ckpt"))
+    torch.save(state, tmp_path / "slim.ckpt")
+    with pytest.raises(CheckpointError, match="trained on other codes"):
+        load_prior(tmp_path / "slim.ckpt")
+    state["hyper_parameters"]["tokenizer"] = str(tok)
+    torch.save(state, tmp_path / "slim.ckpt")
+    assert load_prior(tmp_path / "slim.ckpt").tokenizer_sha256 == digest
+
+
+def test_a_tampered_carried_tokenizer_is_refused(trained_prior, tmp_path):
+    prior_ckpt, _ = trained_prior
+    state = torch.load(prior_ckpt, weights_only=True)
+    state["tokenizer"]["state_dict"]["decoder.conv_out.weight"] += 1e-3
+    torch.save(state, tmp_path / "tampered.ckpt")
+    with pytest.raises(CheckpointError, match="does not match the sha256 recorded with it"):
+        load_prior(tmp_path / "tampered.ckpt")

@@ -2,6 +2,7 @@
 
 from .data import TokenDataModule, encode_dataset
 from .module import PriorModule, load_prior, load_prior_transformer
+from .tokenizer import tokenizer_digest
 from .transformer import CodeTransformer, sample_logits
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "load_prior",
     "load_prior_transformer",
     "sample_logits",
+    "tokenizer_digest",
 ]

@@ -24,21 +24,12 @@ from ..data.datamodule import ImageDataModule
 from ..data.images import ImageFolderDataset
 from ..models import VQModel
 from ..training.checkpoint import load_model, read_checkpoint
+from .tokenizer import checkpoint_model_state, tokenizer_digest, tokenizer_image_size
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the tokenizer's sha256, not its file's path and mtime
 _DATA_KEYS = ("root", "val_root", "val_fraction", "split_seed", "max_images", "dataset")
-
-
-def tokenizer_image_size(ckpt: dict) -> int:
-    """The image size a ``vqkit fit`` checkpoint trained at."""
-    dm = ckpt.get("datamodule_hyper_parameters") or {}
-    model_args = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("init_args") or {}
-    size = dm.get("image_size") or model_args.get("resolution")
-    if size is None:
-        raise ValueError("the tokenizer checkpoint does not record its image size")
-    return int(size)
 
 
 @torch.no_grad()
@@ -79,7 +70,8 @@ class TokenDataModule(L.LightningDataModule):
         flip: add the codes of horizontally flipped training images.
         encode_batch_size: images per batch while encoding.
         cache_dir: where the codes are cached (default ``~/.cache/vqkit/tokens``), keyed by the
-            checkpoint file and the image files; ``None`` values of the key reuse nothing stale.
+            tokenizer's weights (their sha256, not the file's path or time stamp) and the image
+            files; ``None`` values of the key reuse nothing stale.
         num_workers: training loader workers (the grids are in memory: 0 is usually right).
     """
 
@@ -148,14 +140,15 @@ class TokenDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self._image_data(self._checkpoint()).prepare_data()  # fetches the bundled set, once
 
-    def _cache_file(self, ckpt_path: Path, dm: ImageDataModule) -> Path:
+    def _cache_file(self, ckpt: dict, dm: ImageDataModule) -> Path:
         from ..data.bundled import default_cache_dir
         from ..evaluation.fid import data_fingerprint
 
-        st = ckpt_path.stat()
         parts = {
             "version": CACHE_VERSION,
-            "tokenizer": [str(ckpt_path.resolve()), st.st_size, st.st_mtime_ns],
+            # the weights themselves: a moved tokenizer keeps its codes, and another one written
+            # over the same file (whatever its size and time stamp) never reads stale ones
+            "tokenizer": tokenizer_digest(checkpoint_model_state(ckpt)),
             "flip": self.flip,
             "train": data_fingerprint(dm.train_dataset.paths, size=dm.image_size, sq=dm.square),
             "val": data_fingerprint(dm.val_dataset.paths, size=dm.image_size, sq=dm.square)
@@ -174,7 +167,7 @@ class TokenDataModule(L.LightningDataModule):
         path = Path(self.tokenizer)
         dm = self._image_data(ckpt)
         dm.setup("fit")
-        cache = self._cache_file(path, dm)
+        cache = self._cache_file(ckpt, dm)
         if cache.is_file():
             data = torch.load(cache, weights_only=True)
             self.train_codes, self.val_codes = data["train"], data.get("val")

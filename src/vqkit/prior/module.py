@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextvars import ContextVar
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..models import VQModel
-from ..training.checkpoint import CheckpointError, load_model, read_checkpoint
+from ..training.checkpoint import CheckpointError, read_checkpoint
 from ..training.schedules import warmup_cosine
-from .data import tokenizer_image_size
+from .tokenizer import FrozenTokenizer, tokenizer_digest, tokenizer_mismatch
 from .transformer import CodeTransformer
 
 TRANSFORMER_KEY = "code_transformer"
+TOKENIZER_KEY = "tokenizer"  # the tokenizer a prior checkpoint carries (FrozenTokenizer.record)
+
+# The tokenizer ``load_prior`` rebuilt from a prior checkpoint, handed to ``PriorModule.__init__``
+# in place of reading the file its ``tokenizer`` argument names.
+_REBUILT_TOKENIZER: ContextVar[FrozenTokenizer | None] = ContextVar("tokenizer", default=None)
 
 
 class PriorModule(L.LightningModule):
@@ -25,8 +31,10 @@ class PriorModule(L.LightningModule):
 
     Args:
         tokenizer: the tokenizer's checkpoint (``vqkit fit``). It gives the codebook size and
-            the token grid, and decodes samples; it is frozen and not saved in this module's
-            checkpoints (they record its path: keep the file).
+            the token grid, and decodes samples; it is frozen. This module's checkpoints carry
+            it (config, weights and their sha256, under ``"tokenizer"``, beside the state
+            dict), so ``load_prior`` needs no tokenizer file, and a tokenizer given to it or
+            to a resumed run must hash to the recorded sha256.
         n_layer, n_head, n_embd, dropout: the ``CodeTransformer``.
         lr, betas, weight_decay: AdamW (decay on matrices only, not on embeddings, norms or
             biases), with ``warmup_steps`` of linear warm-up and a cosine to ``min_lr``.
@@ -60,13 +68,13 @@ class PriorModule(L.LightningModule):
         # absolute, so a checkpoint of this module loads from any working directory
         tokenizer = str(Path(tokenizer).expanduser().resolve())
         self.save_hyperparameters()
-        ckpt = read_checkpoint(tokenizer)
-        model = load_model(tokenizer, checkpoint=ckpt)
-        model.requires_grad_(False).eval()
-        # Frozen and rebuilt from its own file: kept out of the module tree (no state-dict keys,
-        # nothing for DDP or the optimizer); ``_apply`` still moves it with the module.
-        self._frozen: tuple[VQModel] = (model,)
-        grid = model.token_grid(tokenizer_image_size(ckpt))
+        tok = _REBUILT_TOKENIZER.get() or FrozenTokenizer.from_file(tokenizer)
+        # Frozen and saved on its own (``on_save_checkpoint``): kept out of the module tree (no
+        # state-dict keys, nothing for DDP or the optimizer); ``_apply`` moves it to the
+        # module's device.
+        self._tokenizer = tok
+        model = tok.model
+        grid = model.token_grid(tok.image_size)
         self.transformer = CodeTransformer(
             model.quantizer.codebook_size,
             grid,
@@ -79,11 +87,19 @@ class PriorModule(L.LightningModule):
 
     @property
     def tokenizer_model(self) -> VQModel:
-        return self._frozen[0]
+        return self._tokenizer.model
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        """The sha256 of the tokenizer's weights (``tokenizer_digest``)."""
+        return self._tokenizer.sha256
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
-        self._frozen[0]._apply(fn)
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        # The device only: a cast of the prior (``.half()``, ``bf16-true``) leaves the tokenizer
+        # as it was trained, the weights its sha256 describes (it decodes integer codes).
+        self._tokenizer.model.to(next(self.transformer.parameters()).device)
+        return out
 
     # ------------------------------------------------------------------------------ steps
     @staticmethod
@@ -148,6 +164,17 @@ class PriorModule(L.LightningModule):
         # The transformer's own arguments: `load_prior_transformer` rebuilds it for sampling
         # without reading the tokenizer again.
         checkpoint[TRANSFORMER_KEY] = dict(self.transformer.config)
+        # The tokenizer itself (config, weights, sha256): `load_prior` rebuilds it from here.
+        checkpoint[TOKENIZER_KEY] = self._tokenizer.record()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resumed run (or `load_from_checkpoint`) built its tokenizer from the file named by
+        # `tokenizer`: it must be the one the checkpoint was trained on.
+        recorded = _recorded_sha256(checkpoint)
+        if recorded is not None and recorded != self.tokenizer_sha256:
+            trainer = getattr(self, "_trainer", None)
+            prior = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+            raise tokenizer_mismatch(prior, self.hparams.tokenizer, self.tokenizer_sha256, recorded)
 
     # ------------------------------------------------------------------------------ optim
     def configure_optimizers(self):  # noqa: ANN201
@@ -182,27 +209,80 @@ class PriorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> PriorModule:
-    """A ``PriorModule`` from its checkpoint, in eval mode (its tokenizer is read from the path
-    the checkpoint records)."""
-    ckpt = read_checkpoint(path, map_location)
+def _recorded_sha256(ckpt: dict) -> str | None:
+    record = ckpt.get(TOKENIZER_KEY)
+    digest = record.get("sha256") if isinstance(record, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def load_prior(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    tokenizer: str | Path | None = None,
+    trust: bool = False,
+) -> PriorModule:
+    """A ``PriorModule`` from its checkpoint, in eval mode, its tokenizer rebuilt from the
+    checkpoint itself (the file it was trained from is not read: it may be moved or gone).
+
+    ``tokenizer``: a ``vqkit fit`` checkpoint that must be the tokenizer the prior was trained
+    on (its weights must hash to the recorded sha256, else a ``CheckpointError``); it is also
+    the tokenizer of a checkpoint written before priors carried theirs, which record only its
+    path. ``trust``: see ``read_checkpoint``.
+    """
+    ckpt = read_checkpoint(path, map_location, trust=trust)
     hp = ckpt.get("hyper_parameters") or {}
     if "tokenizer" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a vqkit prior checkpoint (no tokenizer recorded)")
     if not any(k.startswith("transformer.") for k in ckpt["state_dict"]):
         raise CheckpointError(f"{path} is not a vqkit prior checkpoint (no transformer weights)")
+    record = ckpt.get(TOKENIZER_KEY)
+    recorded = _recorded_sha256(ckpt)
+    given = None
+    if tokenizer is not None:
+        given = FrozenTokenizer.from_file(tokenizer, trust=trust)
+        if recorded is not None and given.sha256 != recorded:
+            raise tokenizer_mismatch(path, tokenizer, given.sha256, recorded)
+    if isinstance(record, dict) and "state_dict" in record:
+        tok = FrozenTokenizer.from_record(record, path)
+    elif given is not None:
+        tok = given
+    else:  # a checkpoint that records its tokenizer's path only
+        file = Path(hp["tokenizer"])
+        if not file.is_file():
+            raise CheckpointError(
+                f"{path} records its tokenizer by path only and {file} is gone; pass the "
+                f"tokenizer it was trained on: load_prior(path, tokenizer=...)"
+            )
+        tok = FrozenTokenizer.from_file(file, trust=trust)
+        if recorded is not None and tok.sha256 != recorded:
+            raise tokenizer_mismatch(path, file, tok.sha256, recorded)
     # LightningCLI adds its own keys (``_instantiator``, ...) to the hyperparameters
     names = inspect.signature(PriorModule.__init__).parameters
-    module = PriorModule(**{k: v for k, v in hp.items() if k in names})
+    reset = _REBUILT_TOKENIZER.set(tok)
+    try:
+        module = PriorModule(**{k: v for k, v in hp.items() if k in names})
+    finally:
+        _REBUILT_TOKENIZER.reset(reset)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 
 
 def load_prior_transformer(
-    path: str | Path, map_location: str | torch.device = "cpu", *, trust: bool = False
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    trust: bool = False,
+    tokenizer: VQModel | str | Path | None = None,
+    tokenizer_file: str | Path | None = None,
 ) -> CodeTransformer:
     """The ``CodeTransformer`` of a prior checkpoint, in eval mode, without its tokenizer (which
-    ``vqkit sample`` has already loaded from ``--ckpt``); ``trust``: see ``read_checkpoint``."""
+    ``vqkit sample`` has already loaded from ``--ckpt``); ``trust``: see ``read_checkpoint``.
+
+    ``tokenizer``: the tokenizer its codes will be decoded with, a ``VQModel`` (named
+    ``tokenizer_file`` in errors) or a ``vqkit fit`` checkpoint. If the prior recorded its
+    tokenizer's sha256, a tokenizer with other weights is a ``CheckpointError``.
+    """
     ckpt = read_checkpoint(path, map_location, trust=trust)
     config = ckpt.get(TRANSFORMER_KEY)
     weights = {
@@ -212,6 +292,14 @@ def load_prior_transformer(
     }
     if config is None or not weights:
         raise CheckpointError(f"{path} is not a vqkit prior checkpoint (no {TRANSFORMER_KEY})")
+    recorded = _recorded_sha256(ckpt)
+    if tokenizer is not None and recorded is not None:
+        if isinstance(tokenizer, nn.Module):
+            digest, name = tokenizer_digest(tokenizer), tokenizer_file or "the tokenizer given"
+        else:
+            digest, name = FrozenTokenizer.from_file(tokenizer, trust=trust).sha256, tokenizer
+        if digest != recorded:
+            raise tokenizer_mismatch(path, name, digest, recorded)
     transformer = CodeTransformer(**config)
     transformer.load_state_dict(weights)
     return transformer.eval()

@@ -1,0 +1,191 @@
+"""The tokenizer a prior is trained on: its image size, a content hash of its weights, and the
+copy of it that a prior checkpoint carries.
+
+A prior is only meaningful with the tokenizer whose codes it learned. Its checkpoint therefore
+carries that tokenizer (config and weights) and a sha256 of the weights, rather than a path to a
+file that can move or be replaced: ``load_prior`` rebuilds the tokenizer from the prior checkpoint
+alone, and a tokenizer passed in (``load_prior(path, tokenizer=...)``, ``vqkit sample --ckpt``,
+a resumed ``vqkit prior fit``) must hash to the recorded digest.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..models import VQModel
+from ..training.checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
+
+DIGEST_VERSION = b"vqkit tokenizer sha256 v1\0"
+
+# The quantizer's training state: statistics and bookkeeping that change neither which code an
+# image gets nor what a code decodes to. The digest leaves them out, so a tokenizer whose
+# validation counts were recomputed is still the same tokenizer.
+_STATE_KEYS = frozenset(
+    {
+        "quantizer.step",
+        "quantizer.quantized_steps",
+        "quantizer.replaced_mask",
+        "quantizer.num_replacements",
+    }
+)
+_STATE_PREFIXES = (
+    "quantizer.usage.",
+    "quantizer.reservoirs.",
+    "quantizer.ema.",
+    "quantizer.maintenance.",
+    "quantizer.regularizers.",
+)
+
+
+def tokenizer_image_size(ckpt: dict) -> int:
+    """The image size a ``vqkit fit`` checkpoint trained at."""
+    dm = ckpt.get("datamodule_hyper_parameters") or {}
+    model_args = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("init_args") or {}
+    size = dm.get("image_size") or model_args.get("resolution")
+    if size is None:
+        raise ValueError("the tokenizer checkpoint does not record its image size")
+    return int(size)
+
+
+def tokenizer_digest(tokenizer: VQModel | Mapping[str, Tensor]) -> str:
+    """sha256 (hex) of what makes a tokenizer's codes and pictures: every tensor of its state
+    dict (a ``VQModel`` or its state dict) in sorted key order, each with its key, dtype and
+    shape, except the quantizer's training state (usage counts, step counters, replacement
+    records, EMA statistics, maintenance and reservoir state)."""
+    state = tokenizer.state_dict() if isinstance(tokenizer, nn.Module) else tokenizer
+    h = hashlib.sha256(DIGEST_VERSION)
+    for key in sorted(state):
+        if key in _STATE_KEYS or key.startswith(_STATE_PREFIXES):
+            continue
+        t = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}\0{str(t.dtype)}\0{tuple(state[key].shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def checkpoint_model_state(ckpt: dict) -> dict[str, Tensor]:
+    """The ``VQModel`` state dict inside a ``vqkit fit`` checkpoint (its ``model.`` keys)."""
+    return {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+
+
+def tokenizer_mismatch(
+    prior: object, tokenizer: object, given: str, recorded: str
+) -> CheckpointError:
+    """The error for a tokenizer that is not the one a prior was trained on."""
+    return CheckpointError(
+        f"{tokenizer} is not the tokenizer {prior} was trained on (its weights hash to sha256 "
+        f"{given[:12]}, the prior recorded {recorded[:12]}): the prior was trained on other "
+        "codes and would decode to nonsense; use the tokenizer it was trained on, or train a "
+        "prior for this one"
+    )
+
+
+@dataclass
+class FrozenTokenizer:
+    """A tokenizer as a prior uses it: the ``VQModel`` (frozen, eval mode), the image size it
+    was trained at, the sha256 of its weights, the config that rebuilds it, and where it came
+    from."""
+
+    model: VQModel
+    image_size: int
+    sha256: str
+    hyper_parameters: dict
+    datamodule_hyper_parameters: dict
+    file: str
+
+    def __post_init__(self) -> None:
+        self.model.requires_grad_(False).eval()
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, trust: bool = False) -> FrozenTokenizer:
+        """From a ``vqkit fit`` checkpoint."""
+        ckpt = read_checkpoint(path, trust=trust)
+        # copies taken first: building the model turns parts of the config into jsonargparse
+        # Namespaces in place, which a safe load of the prior checkpoint would refuse
+        hparams = copy.deepcopy(dict(ckpt.get("hyper_parameters") or {}))
+        data_hparams = copy.deepcopy(dict(ckpt.get("datamodule_hyper_parameters") or {}))
+        model = load_model(path, checkpoint=ckpt)
+        return cls(
+            model,
+            tokenizer_image_size(ckpt),
+            tokenizer_digest(model),
+            hparams,
+            data_hparams,
+            str(path),
+        )
+
+    def record(self) -> dict:
+        """What a prior checkpoint carries: plain containers of tensors, strings and numbers
+        (``torch.load(weights_only=True)`` reads them)."""
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "image_size": self.image_size,
+            "hyper_parameters": self.hyper_parameters,
+            "datamodule_hyper_parameters": self.datamodule_hyper_parameters,
+            "state_dict": self.model.state_dict(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, prior: str | Path) -> FrozenTokenizer:
+        """Rebuilt from the ``record()`` inside the prior checkpoint ``prior``, its weights
+        checked against the recorded sha256."""
+        fields = {
+            "sha256": str,
+            "image_size": int,
+            "hyper_parameters": dict,
+            "datamodule_hyper_parameters": dict,
+            "state_dict": dict,
+        }
+        for name, kind in fields.items():
+            if not isinstance(record.get(name), kind):
+                raise CheckpointError(
+                    f"{prior} carries an incomplete tokenizer (no {name}); pass the tokenizer "
+                    "it was trained on"
+                )
+        state = record["state_dict"]
+        checkpoint = {  # a copy of the config: building the model changes it in place
+            "hyper_parameters": copy.deepcopy(record["hyper_parameters"]),
+            "datamodule_hyper_parameters": record["datamodule_hyper_parameters"],
+            "state_dict": {f"model.{k}": v for k, v in state.items()},
+        }
+        # The record holds the VQModel's weights only, not the rest of the training module
+        # (a VQ-GAN's discriminator, counters): Lightning warns about those; the model's own
+        # keys are checked below.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are")
+            module = load_tokenizer(
+                f"the tokenizer in {prior}", checkpoint=checkpoint, strict=False
+            )
+        model = module.model
+        expected = set(model.state_dict())
+        if expected != set(state):
+            odd = sorted(expected ^ set(state))
+            raise CheckpointError(
+                f"the tokenizer in {prior} does not fit its own config ({len(odd)} keys differ, "
+                f"e.g. {odd[0]})"
+            )
+        digest = tokenizer_digest(model)
+        if digest != record["sha256"]:
+            raise CheckpointError(
+                f"the tokenizer in {prior} does not match the sha256 recorded with it "
+                f"({digest[:12]} != {record['sha256'][:12]}): the file was altered or damaged"
+            )
+        return cls(
+            model,
+            record["image_size"],
+            digest,
+            record["hyper_parameters"],
+            record["datamodule_hyper_parameters"],
+            str(record.get("file", "")),
+        )
