@@ -13,6 +13,11 @@ class Probe(L.Callback):
         self.out = Path(os.environ["VQKIT_PROBE_DIR"])
         self.first_batches: list[torch.Tensor] = []
 
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        # what a resumed run starts from (the checkpoint's state, as this process loaded it)
+        self.start_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        self.start_step = trainer.global_step
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         # One number per image identifies it (the tiny test images differ in colour).
@@ -31,9 +36,25 @@ class Probe(L.Callback):
                 "batch_sums": self.first_batches,
                 "state": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
                 "global_step": trainer.global_step,
+                "start_state": self.start_state,
+                "start_step": self.start_step,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+
+class KillRank(L.Callback):
+    """Process ``rank`` kills itself with SIGKILL before training step ``step`` (a node that
+    dies): the other processes must stop with an error, not wait forever."""
+
+    def __init__(self, rank: int = 1, step: int = 7) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PriorProbe(L.Callback):

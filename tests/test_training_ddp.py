@@ -230,3 +230,62 @@ def test_ddp_gradient_mode_through_warmup_and_maintenance(folder, tmp_path):
     assert isinstance(a["state"][q + "codebook"], torch.Tensor)
     for k in a["state"].keys() - {q + "usage.eval_counts"}:
         assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+def test_dying_rank_then_resume_on_one_process_and_back_on_two(folder, tmp_path):
+    """Distributed faults: process 1 of 2 dies (SIGKILL) at step 7; process 0 stops with a
+    one-line error instead of waiting forever. The run resumes from its step-6 checkpoint on
+    one process, and that run's checkpoint resumes on two: each time every process starts from
+    exactly the checkpoint's codebook, reservoirs, usage counts and schedule, and the
+    maintenance goes on (k-means init is not repeated, the re-estimation at step 12 runs)."""
+    import time
+
+    every = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"]
+    every += ["--trainer.callbacks.every_n_train_steps=6", "--trainer.callbacks.save_top_k=-1"]
+    every += ["--trainer.callbacks.filename=p-{step}", "--trainer.callbacks.save_last=true"]
+    kill = '--trainer.callbacks+={"class_path": "tests.ddp_probe.KillRank", "init_args": {}}'
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    r = _fit_ddp(folder, out, tmp_path / "p0", 20, *every, kill, check=False)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 300  # it stopped; it did not hang until a 30-min timeout
+    errors = [ln for ln in r.stderr.splitlines() if "vqkit fit: error:" in ln]
+    assert errors and "a process of the distributed run was lost" in errors[-1], r.stderr[-3000:]
+    assert "resume with --ckpt_path last" in errors[-1]
+    ck6 = next(out.rglob("p-step=6.ckpt"))
+    assert not list(out.rglob("p-step=12.ckpt"))
+    q = "model.quantizer."
+    mid = torch.load(ck6, weights_only=True)["state_dict"]
+    assert bool(mid[q + "maintenance.0.done"]) and int(mid[q + "num_replacements"]) >= 2
+
+    def same(a: dict, b: dict) -> None:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+    # 2 -> 1 process: this process starts from the 2-process checkpoint exactly
+    probe1 = tmp_path / "p1"
+    probe1.mkdir()
+    env = _ddp_env(probe1)
+    cmd = [sys.executable, "-m", "vqkit.cli", "fit", "--config", str(TINY)]
+    cmd += [*tiny_args(folder, out), *quick_overrides(), "--trainer.max_steps=12"]
+    cmd += ["--trainer.val_check_interval=4", "--trainer.callbacks+=tests.ddp_probe.Probe"]
+    cmd += [*every, "--ckpt_path=last"]
+    r1 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    one = torch.load(probe1 / "rank0.pt", weights_only=False)
+    assert (one["world_size"], one["start_step"], one["global_step"]) == (1, 6, 12)
+    same(one["start_state"], mid)
+    ck12 = next(out.rglob("p-step=12.ckpt"))
+    end12 = torch.load(ck12, weights_only=True)["state_dict"]
+    # the re-estimation at step 12 ran on one process; k-means init did not run again
+    assert int(end12[q + "num_replacements"]) > int(mid[q + "num_replacements"])
+    assert int(end12[q + "step"]) == 12
+    # 1 -> 2 processes: both start from the 1-process checkpoint and stay identical
+    _fit_ddp(folder, out, tmp_path / "p2", 14, *every, f"--ckpt_path={ck12}")
+    a, b = _load(tmp_path / "p2")
+    assert (a["world_size"], a["start_step"], a["global_step"]) == (2, 12, 14)
+    same(a["start_state"], end12)
+    same(b["start_state"], end12)
+    for k in a["state"].keys() - {q + "usage.eval_counts"}:
+        assert torch.equal(a["state"][k], b["state"][k]), k

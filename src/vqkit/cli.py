@@ -612,6 +612,28 @@ def _parser_class():  # noqa: ANN202
     return VQKitArgumentParser
 
 
+def _lost_process(err: BaseException) -> str | None:
+    """The first line of a collective that failed because another process of the run died or
+    stopped answering (gloo: connection reset or closed; NCCL: a watchdog timeout), else None."""
+    import re
+
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", ())
+    text = str(err)
+    peer = re.search(
+        r"Connection (reset|closed) by peer|Broken pipe|timed out|Timeout|NCCL error|"
+        r"ProcessGroup\w* .*(abort|terminat)",
+        text,
+    )
+    distributed = dist.is_available() and dist.is_initialized()
+    if not (isinstance(err, dist_error) or (peer and distributed)):
+        return None
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    line = re.sub(r"^\[[^\]]*\] ", "", line)  # gloo's source location
+    return line.split(". This is typically")[0]
+
+
 def _innermost(err: BaseException) -> BaseException:
     """The exception a config error started from (jsonargparse wraps a class's own ValueError
     in its Union report)."""
@@ -923,6 +945,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as e:
         # bad data or a bad checkpoint path: one line, before training starts
         print(f"vqkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        lost = _lost_process(e) if _CONFIGURED else None
+        if lost is None:
+            raise
+        print(
+            f"vqkit {argv[0]}: error: a process of the distributed run was lost ({lost}); "
+            "the checkpoints written before are whole: resume with --ckpt_path last",
+            file=sys.stderr,
+        )
         return 1
     except (ValueError, TypeError, MisconfigurationException) as e:
         if _CONFIGURED:  # raised in training: a bug or a fault, with its traceback

@@ -85,10 +85,16 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": max(self._epoch, 0), "batches": self._batches}
+        world = self.sampler.world
+        return {"epoch": max(self._epoch, 0), "batches": self._batches, "world": world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
+        world = int(state.get("world", self.sampler.world))
+        if world != self.sampler.world:
+            # Resumed on another number of processes: the shards are drawn anew for it, and
+            # the epoch goes on after as many images as all processes had taken of it.
+            batches = batches * world // self.sampler.world
         if batches >= len(self):
             # Saved at the end of an epoch: the next iteration is a fresh epoch.
             self._epoch, self._batches, self._resume = epoch, 0, False
