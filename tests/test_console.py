@@ -105,6 +105,33 @@ def test_progress_bar_counts_steps_of_max_steps(kwargs, total, title, tmp_path):
     assert trainer.progress_bar_callback is bar
 
 
+class CountTasks(L.Callback):
+    """Records the progress bar's tasks and rich's per-task caches after each validation."""
+
+    seen: list[tuple[int, int]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        bar = trainer.progress_bar_callback
+        if bar is None or bar.progress is None:
+            return
+        caches = sum(len(getattr(c, "_renderable_cache", {})) for c in bar.progress.columns)
+        CountTasks.seen.append((len(bar.progress.task_ids), caches))
+
+
+def test_progress_bar_keeps_no_task_per_validation(tmp_path):
+    """Lightning's rich bar adds a task at every validation and keeps the old ones (and rich
+    caches a renderable per task): a long run grew by one per validation (the soak benchmark
+    found it). vqkit's bar drops the replaced task."""
+    CountTasks.seen = []
+    folder = make_folder(tmp_path / "images", n=16)
+    argv = ["fit", "--config", str(TINY), *tiny_args(folder, tmp_path / "run")]
+    argv += ["--trainer.max_steps=12", "--trainer.val_check_interval=2"]
+    argv += ["--trainer.callbacks+=tests.test_console.CountTasks"]
+    assert main(argv) == 0
+    assert len(CountTasks.seen) >= 6  # six validations ran with the bar on
+    assert len(set(CountTasks.seen[1:])) == 1, CountTasks.seen
+
+
 # --- a whole run through the `vqkit` command ---------------------------------------------------
 
 

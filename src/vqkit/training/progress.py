@@ -4,6 +4,11 @@ Lightning's bar counts batches of the current epoch and titles it ``Epoch 15/-2`
 has ``max_steps`` and no ``max_epochs`` (``max_epochs`` is then -1). vqkit's runs are bounded by
 steps, so the bar shows ``Step 750/1500 (epoch 15)`` and fills over the whole run. Epoch-bounded
 runs get Lightning's bar unchanged.
+
+Lightning's bar also adds a new (hidden once done) task to its ``rich`` display at every
+validation and keeps the old ones (its own "TODO: remove old tasks"), so a long run grows by
+one task and the renderables ``rich``'s columns cached for it (about 40 Python objects) per
+validation; this bar removes the replaced task and those.
 """
 
 from __future__ import annotations
@@ -36,6 +41,29 @@ class StepProgressBar(RichProgressBar):
         if not _step_bounded(self.trainer):
             return super()._get_train_description(current_epoch)
         return f"Step {self.trainer.global_step}/{self.trainer.max_steps} (epoch {current_epoch})"
+
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        old = (self.val_sanity_progress_bar_id, self.val_progress_bar_id)
+        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        new = (self.val_sanity_progress_bar_id, self.val_progress_bar_id)
+        if self.progress is None:
+            return
+        for before, after in zip(old, new, strict=True):
+            # the parent hid the previous validation's task and added a new one: drop the old
+            if before is not None and before != after and before in self.progress.task_ids:
+                self.progress.remove_task(before)
+                # rich's columns cache a renderable per task id and never forget one
+                for column in self.progress.columns:
+                    cache = getattr(column, "_renderable_cache", None)
+                    if isinstance(cache, dict):
+                        cache.pop(before, None)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
