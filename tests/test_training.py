@@ -763,3 +763,35 @@ def test_fp16_overflow_is_left_to_the_grad_scaler():
     module.on_before_optimizer_step(opt)
     assert int(module.skipped_steps) == 0
     assert all(p.grad is not None for p in module.parameters())  # the scaler's to handle
+
+
+def test_atomic_writes_of_every_output_kind(tmp_path, monkeypatch):
+    """JSON, text, .npy and PNG outputs (summaries, metrics, index maps, plots) go through
+    the same write-fsync-rename: one that fails midway leaves the old file and no temporary."""
+    import os
+
+    from vqkit.evaluation.visual import save_png
+    from vqkit.fileio import atomic_save_npy, atomic_write_text
+
+    path = tmp_path / "out" / "summary.json"
+    atomic_write_text(path, '{"old": 1}\n')
+    atomic_save_npy(tmp_path / "out" / "indices.npy", np.arange(6, dtype=np.int32))
+    assert np.load(tmp_path / "out" / "indices.npy").tolist() == list(range(6))
+    save_png(torch.rand(3, 8, 8), tmp_path / "out" / "grid.png")
+    assert Image.open(tmp_path / "out" / "grid.png").size == (8, 8)
+
+    real_fsync = os.fsync
+
+    def dying_fsync(fd: int) -> None:  # the disk fills / the process dies after the bytes
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", dying_fsync)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(path, '{"new": 2}\n')
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert path.read_text() == '{"old": 1}\n'
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "grid.png",
+        "indices.npy",
+        "summary.json",
+    ]

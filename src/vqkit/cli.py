@@ -338,6 +338,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         markdown_table,
     )
     from .evaluation.fid import InceptionFeatures, InceptionNotFoundError
+    from .fileio import atomic_write_text
 
     explicit = args.metrics is not None
     metrics = list(check_metrics(args.metrics.split(",") if explicit else args.default_metrics))
@@ -387,10 +388,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         "metrics": results,
         "notes": notes,
     }
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(record, indent=2) + "\n")
     title = f"{Path(args.ckpt).name} on {where} ({int(size)} px)"
     md = markdown_table(results, title) + "".join(f"\n_{n}_\n" for n in notes)
-    (out / "metrics.md").write_text(md)
+    atomic_write_text(out / "metrics.md", md)
     print(md, end="")
     print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
     return 0
@@ -462,6 +463,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         sample_codes,
     )
     from .evaluation.visual import image_grid, image_rows, save_png
+    from .fileio import atomic_save_npy
 
     if args.num < 0:
         raise ValueError(f"--num must be >= 0, got {args.num}")
@@ -492,7 +494,7 @@ def _run_sample(args: argparse.Namespace) -> int:
             codes = sample_codes(probs, args.num, grid, seed=args.seed)
         images = decode_codes(model, codes)
         written.append(save_png(image_grid(image_rows(images)), out / "samples.png"))
-        np.save(out / "samples_codes.npy", codes.numpy().astype(np.int32))
+        atomic_save_npy(out / "samples_codes.npy", codes.numpy().astype(np.int32))
         written.append(out / "samples_codes.npy")
     if args.images:
         square = dm_hparams.get("square", "crop")

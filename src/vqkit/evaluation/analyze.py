@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..fileio import atomic_save_npy, atomic_write_text
 from ..models.vqmodel import VQModel
 from ..quantize import distributed as D
 from ..quantize.distance import nearest, pairwise_sqdist
@@ -178,7 +179,9 @@ class UsageReport:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "summary.json"]
-        written[0].write_text(json.dumps({**(extra or {}), **self.summary()}, indent=2) + "\n")
+        atomic_write_text(
+            written[0], json.dumps({**(extra or {}), **self.summary()}, indent=2) + "\n"
+        )
         if not details:
             return written
         with open(out / "codes.csv", "w", newline="") as f:
@@ -187,12 +190,12 @@ class UsageReport:
             w.writerows(self.code_rows())
         written.append(out / "codes.csv")
         if self.index_maps is not None:
-            np.save(out / "indices.npy", self.index_maps.numpy().astype(np.int32))
+            atomic_save_npy(out / "indices.npy", self.index_maps.numpy().astype(np.int32))
             n = self.index_maps.shape[0]
             if names is not None and len(names) != n:
                 raise ValueError(f"names has {len(names)} entries for {n} index maps")
             lines = names if names is not None else [str(i) for i in range(n)]
-            (out / "indices.txt").write_text("".join(f"{s}\n" for s in lines))
+            atomic_write_text(out / "indices.txt", "".join(f"{s}\n" for s in lines))
             written += [out / "indices.npy", out / "indices.txt"]
         return written
 

@@ -28,11 +28,15 @@ def _plt():  # noqa: ANN202
 
 
 def _save(fig, path: Path) -> Path:  # noqa: ANN001
-    path.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    from ..fileio import atomic_write_bytes
+
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
     _plt().close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def pca_2d(x: Tensor) -> Tensor:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..fileio import atomic_write_bytes
 
 
 def image_grid(rows: list[Tensor], pad: int = 2) -> Tensor:
@@ -45,10 +48,9 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     from PIL import Image
 
     arr = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def save_usage_plot(counts: Tensor, path: str | Path, title: str = "code usage") -> Path:
@@ -74,8 +76,7 @@ def save_usage_plot(counts: Tensor, path: str | Path, title: str = "code usage")
     a2.set_ylabel("tokens")
     a2.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())

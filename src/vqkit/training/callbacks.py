@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 
 from ..evaluation.visual import image_grid, save_png, save_usage_plot
+from ..fileio import atomic_write_text
 
 log = logging.getLogger("vqkit.training")
 
@@ -122,7 +123,7 @@ class TrainingSummary(L.Callback):
                 counts, folder / "code_usage.png", title="validation code usage"
             )
         summary["files"] = {k: str(v) for k, v in files.items()}
-        files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(files["summary"], json.dumps(summary, indent=2) + "\n")
         self.print_table(summary)
 
     @staticmethod

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import pickle
 import re
 import zipfile
@@ -21,6 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
+from ..fileio import _atomic_write
 from ..models import VQModel
 
 log = logging.getLogger("vqkit.training")
@@ -30,37 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not a vqkit tokenizer."""
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` that a kill cannot leave half-written under the real name: write a hidden
-    temporary file in the same folder, flush and fsync it, rename it over ``path`` (atomic on
-    POSIX and Windows), then fsync the folder so the rename itself survives a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (Windows): the rename is done anyway
-        return path
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return path
+    """``torch.save`` that a kill cannot leave half-written under the real name (see
+    :func:`atomic_write_bytes`)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class CheckpointWriteError(OSError):

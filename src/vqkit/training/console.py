@@ -17,6 +17,7 @@ from typing import IO
 
 import lightning as L
 
+from ..fileio import atomic_write_text
 from .callbacks import run_dir
 
 log = logging.getLogger("vqkit.training")
@@ -212,7 +213,7 @@ class ConsoleLog(L.Callback):
             return
         path = folder / self.skipped_files
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
+        atomic_write_text(path, "".join(f"{p}\t{reason}\n" for p, reason in skipped))
         log.warning("%d image files skipped, all listed in %s", len(skipped), path)
 
     # -------------------------------------------------------------------------------- events
