@@ -55,6 +55,19 @@ class ForkServer:
         self.proc.wait(timeout=60)
 
 
+STARTED = "codebook schedule"  # the console's first line once `fit` begins
+
+
+def _wait_for(log: Path, text: str, timeout: float) -> bool:
+    """Wait until ``text`` is in the file ``log`` (a child's console), at most ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _writing(out: Path, pid: int) -> bool:
     """Whether process ``pid`` is writing a checkpoint under ``out`` (its temporary file)."""
     return any(p.is_file() for p in out.rglob(f".*.tmp-{pid}"))
@@ -96,9 +109,14 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_equal(tmp_path):
 
     server = ForkServer()
     try:
-        ref = tmp_path / "uninterrupted"
-        server.start(argv(ref), tmp_path / "uninterrupted.log")
-        assert server.wait() == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
+        ref, ref_log = tmp_path / "uninterrupted", tmp_path / "uninterrupted.log"
+        server.start(argv(ref), ref_log)
+        assert _wait_for(ref_log, STARTED, 120)
+        t_train = time.monotonic()
+        assert server.wait() == 0, ref_log.read_text()[-3000:]
+        # the kills' times scale with this machine's speed: the uninterrupted run's time from
+        # the start of fit to its end (about 5 s on a 2-core AMD EPYC)
+        t_train = time.monotonic() - t_train
 
         out = tmp_path / "killed"
         rng = random.Random(12)
@@ -118,8 +136,9 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_equal(tmp_path):
                         break
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.1))
-            else:
-                time.sleep(rng.uniform(0.5, 3.5))
+            else:  # a random moment after fit started (restoring, training, validating)
+                _wait_for(log, STARTED, 60)
+                time.sleep(rng.uniform(0.0, 0.5) * t_train)
             killed_in_write = _writing(out, pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
