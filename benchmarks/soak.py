@@ -40,7 +40,8 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from PIL import Image
+
+from vqkit.data.synthetic import make_image_folder
 
 try:
     from benchmarks.common import machine_info, print_json, update_benchmarks_md
@@ -209,19 +210,6 @@ class SoakProbe(L.Callback):
 
 
 # ---------------------------------------------------------------------------------- the run
-def make_folder(root: Path, n: int, size: int = 40, seed: int = 0) -> Path:
-    """``n`` PNGs of a flat colour with a square of another (as the tests' folders)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = np.zeros((size, size, 3), np.uint8)
-        a[:] = rng.integers(0, 255, 3)
-        y, x = rng.integers(0, size // 2, 2)
-        a[y : y + size // 2, x : x + size // 2] = rng.integers(0, 255, 3)
-        Image.fromarray(a).save(root / f"img{i:03d}.png")
-    return root
-
-
 def soak_config(args: argparse.Namespace, out: Path) -> Path:
     """The tiny quickstart with maintenance, validation and checkpoints over the whole run."""
     cfg = yaml.safe_load(TINY.read_text())
@@ -250,7 +238,7 @@ def fit(args: argparse.Namespace, tmp: Path) -> tuple[SoakProbe, dict[str, Any]]
 
     from vqkit.cli import main as vqkit_main
 
-    folder = make_folder(tmp / "images", args.images)
+    folder = make_image_folder(tmp / "images", args.images)
     out = tmp / "run"
     config = soak_config(args, tmp)
     argv = [

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from vqkit.cli import build_cli, main
+from vqkit.data.synthetic import make_image_folder
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -25,15 +26,7 @@ CPU = [
 
 
 def make_folder(root: Path, n: int = 24, size: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = np.zeros((size, size, 3), np.uint8)
-        a[:] = rng.integers(0, 255, 3)
-        y, x = rng.integers(0, size // 2, 2)
-        a[y : y + size // 2, x : x + size // 2] = rng.integers(0, 255, 3)
-        Image.fromarray(a).save(root / f"img{i:03d}.png")
-    return root
+    return make_image_folder(root, n, size, seed)
 
 
 @pytest.fixture(scope="module")
