@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,11 +105,9 @@ def to_rgb(img: Image.Image, background: RGB = WHITE) -> Image.Image:
 def _open_rgb(path: Path, background: RGB, draft_size: int | None = None) -> Image.Image:
     """Open, fully decode (so truncation fails here) and convert to RGB; errors name the file."""
     try:
-        with warnings.catch_warnings():
-            # vqkit decides below, from the header, before any pixel is decoded
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
+        # vqkit decides below, from the header, before any pixel is decoded (PIL warns only
+        # above its own limit, which MAX_IMAGE_PIXELS equals unless raised)
+        with Image.open(path) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 why = (
