@@ -163,6 +163,7 @@ def test_bad_inputs_name_the_shapes(model):
 
 def test_missing_vgg_weights_error_names_file_and_places(tmp_path, monkeypatch):
     monkeypatch.delenv(perceptual.VGG16_ENV, raising=False)
+    monkeypatch.setenv("VQKIT_OFFLINE", "1")  # downloading: tests/test_download.py
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
     assert expected.parent.parent.parent == tmp_path / "torch"
@@ -171,7 +172,7 @@ def test_missing_vgg_weights_error_names_file_and_places(tmp_path, monkeypatch):
     assert isinstance(err.value, FileNotFoundError)
     message = str(err.value)
     assert str(expected) in message and "VQKIT_VGG16" in message and "vgg_path" in message
-    assert "never downloads" in message
+    assert perceptual.VGG16_URL in message and "VQKIT_OFFLINE=1" in message
 
     missing = tmp_path / "elsewhere" / "vgg16.pth"
     monkeypatch.setenv(perceptual.VGG16_ENV, str(missing))
@@ -183,12 +184,15 @@ def test_missing_vgg_weights_error_names_file_and_places(tmp_path, monkeypatch):
 
 def test_missing_lin_weights_error_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.delenv(perceptual.LPIPS_LIN_ENV, raising=False)
+    monkeypatch.setenv("VQKIT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(perceptual, "_lpips_package_weights", lambda: None)
     with pytest.raises(WeightsNotFoundError) as err:
         lpips_lin_weights_path()
     message = str(err.value)
     assert "lpips/weights/v0.1/vgg.pth" in message
     assert "pip install --no-deps lpips==0.1.4" in message and "VQKIT_LPIPS_LIN" in message
+    assert perceptual.LPIPS_LIN_URL in message
     with pytest.raises(WeightsNotFoundError, match="from lin_path"):
         lpips_lin_weights_path(tmp_path / "vgg.pth")
 

@@ -4,15 +4,20 @@ The ``lpips`` package imports torchvision, which cannot be installed next to eve
 VGG16 feature stack is defined here with torchvision's exact module indices: a torchvision
 ``vgg16`` state dict (``features.N.weight``/``bias``) loads with strict key checking. The math is
 that of ``lpips.LPIPS(net="vgg", version="0.1")`` (checked against it on stored reference outputs,
-tests/test_lpips.py). Weights are read from files, never downloaded:
+tests/test_lpips.py). Weights are read from files; the torch hub cache is filled on first use
+(:mod:`vqkit.download`: checksum-verified, written whole or not at all):
 
-- VGG16 ImageNet weights in torchvision format (``vgg16-397923af.pth``): ``vgg_path``, else
-  ``$VQKIT_VGG16``, else the torch hub cache where torchvision saves them.
-- The LPIPS linear-layer weights (``lpips/weights/v0.1/vgg.pth``): ``lin_path``, else
+- VGG16 ImageNet weights in torchvision format (``vgg16-397923af.pth``, 528 MiB): ``vgg_path``,
+  else ``$VQKIT_VGG16``, else the torch hub cache where torchvision saves them, downloaded there
+  from :data:`VGG16_URL` if absent (its sha256 must start with the ``397923af`` of its name).
+- The LPIPS linear-layer weights (``lpips/weights/v0.1/vgg.pth``, 7 KB): ``lin_path``, else
   ``$VQKIT_LPIPS_LIN``, else the installed ``lpips`` package's files, located without importing
-  it (``pip install --no-deps lpips==0.1.4``).
+  it (``pip install --no-deps lpips==0.1.4``), else the torch hub cache, downloaded there from
+  :data:`LPIPS_LIN_URL` if absent (full sha256 checked).
 
-A missing file raises :class:`WeightsNotFoundError` naming the file and where to put it.
+An explicit path (argument or environment variable) that does not exist is an error, never a
+download. With ``VQKIT_OFFLINE=1`` or no network a missing file raises
+:class:`WeightsNotFoundError` naming the file, its URL and where to put it.
 """
 
 from __future__ import annotations
@@ -28,11 +33,24 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..download import (
+    WeightsNotFoundError,
+    fetch_weights,
+    hash_prefix_from_name,
+    hub_checkpoint_path,
+    url_filename,
+)
+
 VGG16_FILENAME = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILENAME}"
 VGG16_ENV = "VQKIT_VGG16"
 LPIPS_LIN_ENV = "VQKIT_LPIPS_LIN"
 LPIPS_LIN_FILE = "lpips/weights/v0.1/vgg.pth"
+LPIPS_LIN_URL = (
+    "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+)
+# sha256 of that file as lpips==0.1.4 ships it (7289 bytes).
+LPIPS_LIN_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 
 # torchvision's vgg16 "D" configuration: conv widths, "M" = 2x2 max pool.
 _VGG16_CFG: tuple[int | str, ...] = (
@@ -45,10 +63,6 @@ LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 _EPS = 1e-10  # lpips.normalize_tensor
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A weights file LPIPS needs is absent; the message says which file and where to put it."""
 
 
 class VGG16Features(nn.Module):
@@ -126,28 +140,37 @@ def _lpips_package_weights() -> Path | None:
 
 def vgg16_weights_path(path: str | os.PathLike | None = None) -> Path:
     """Where the VGG16 weights are read from: ``path``, else ``$VQKIT_VGG16``, else
-    ``torch.hub.get_dir()/checkpoints/vgg16-397923af.pth``. Raises WeightsNotFoundError."""
-    hub_path = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME
-    if path is not None:
-        candidate, source = Path(path).expanduser(), "vgg_path"
-    elif os.environ.get(VGG16_ENV):
-        candidate, source = Path(os.environ[VGG16_ENV]).expanduser(), f"${VGG16_ENV}"
-    else:
-        candidate, source = hub_path, "the torch hub cache"
-    if not candidate.is_file():
-        raise WeightsNotFoundError(
-            f"LPIPS needs the VGG16 ImageNet weights in torchvision format ({VGG16_FILENAME}, "
-            f"528 MB); no file at {candidate} (from {source}). Put the file at {hub_path} "
-            f"(the torch hub cache, where torchvision.models.vgg16(weights='IMAGENET1K_V1') "
-            f"saves it), or set {VGG16_ENV}=/path/to/{VGG16_FILENAME}, or pass vgg_path=. "
-            f"The file is {VGG16_URL}; vqkit never downloads weights."
-        )
-    return candidate
+    ``torch.hub.get_dir()/checkpoints/vgg16-397923af.pth``, downloaded there from
+    :data:`VGG16_URL` if absent. Raises WeightsNotFoundError."""
+    name = url_filename(VGG16_URL)
+    hub_path = hub_checkpoint_path(name)
+    what = f"LPIPS needs the VGG16 ImageNet weights in torchvision format ({name}, 528 MiB)"
+    if path is not None or os.environ.get(VGG16_ENV):
+        source = "vgg_path" if path is not None else f"${VGG16_ENV}"
+        candidate = Path(path if path is not None else os.environ[VGG16_ENV]).expanduser()
+        if not candidate.is_file():
+            raise WeightsNotFoundError(
+                f"{what}; no file at {candidate} (from {source}). Fix that path, or drop it to "
+                f"use the torch hub cache {hub_path}, where vqkit downloads {VGG16_URL} on first "
+                "use (never to an explicit path)."
+            )
+        return candidate
+    return fetch_weights(
+        VGG16_URL,
+        hub_path,
+        hash_prefix=hash_prefix_from_name(name),
+        what=what,
+        manual=(
+            "where torchvision.models.vgg16(weights='IMAGENET1K_V1') also saves it, or set "
+            f"{VGG16_ENV}=/path/to/{name}, or pass vgg_path="
+        ),
+    )
 
 
 def lpips_lin_weights_path(path: str | os.PathLike | None = None) -> Path:
     """Where the LPIPS linear-layer weights are read from: ``path``, else ``$VQKIT_LPIPS_LIN``,
-    else the installed ``lpips`` package's ``weights/v0.1/vgg.pth``. Raises WeightsNotFoundError."""
+    else the installed ``lpips`` package's ``weights/v0.1/vgg.pth``, else the torch hub cache,
+    downloaded there from :data:`LPIPS_LIN_URL` if absent. Raises WeightsNotFoundError."""
     if path is not None or os.environ.get(LPIPS_LIN_ENV):
         source = "lin_path" if path is not None else f"${LPIPS_LIN_ENV}"
         candidate = Path(path if path is not None else os.environ[LPIPS_LIN_ENV]).expanduser()
@@ -158,14 +181,22 @@ def lpips_lin_weights_path(path: str | os.PathLike | None = None) -> Path:
             )
         return candidate
     found = _lpips_package_weights()
-    if found is None:
-        raise WeightsNotFoundError(
-            f"LPIPS needs its linear-layer weights {LPIPS_LIN_FILE}, shipped in the lpips "
-            "package, which is not installed. Install it without its dependencies (they would "
-            "pull torchvision and another torch): pip install --no-deps lpips==0.1.4; or set "
-            f"{LPIPS_LIN_ENV}=/path/to/vgg.pth, or pass lin_path=."
-        )
-    return found
+    if found is not None:
+        return found
+    return fetch_weights(
+        LPIPS_LIN_URL,
+        hub_checkpoint_path(f"lpips-v0.1-vgg-{LPIPS_LIN_SHA256[:8]}.pth"),
+        sha256=LPIPS_LIN_SHA256,
+        what=(
+            f"LPIPS needs its linear-layer weights {LPIPS_LIN_FILE} (7 KB), shipped in the lpips "
+            "package, which is not installed"
+        ),
+        manual=(
+            "or install that package without its dependencies (they would pull torchvision and "
+            f"another torch): pip install --no-deps lpips==0.1.4; or set {LPIPS_LIN_ENV}="
+            "/path/to/vgg.pth, or pass lin_path="
+        ),
+    )
 
 
 def _load(path: Path) -> dict[str, Tensor]:
@@ -187,9 +218,10 @@ class LPIPS(nn.Module):
     Images are (B, 3, H, W) in [-1, 1] (``normalize=True`` for [0, 1]), H and W >= 16. Calling
     the module returns the per-image distance (B,) (``reduction="mean"``/``"sum"`` reduce it);
     ``loss(x, y)`` is always the batch mean, for a generator loss. Parameters are frozen but
-    gradients flow to the inputs. ``LPIPS()`` loads the weights (see the module docstring) and
-    raises :class:`WeightsNotFoundError` when a file is missing; ``pretrained=False`` builds the
-    network with random weights (for tests).
+    gradients flow to the inputs. ``LPIPS()`` loads the weights (see the module docstring),
+    downloading missing ones into the torch hub cache, and raises :class:`WeightsNotFoundError`
+    when a file is missing and cannot be downloaded; ``pretrained=False`` builds the network with
+    random weights (for tests).
 
     Under autocast the VGG trunk runs in reduced precision; normalization, differences and the
     linear layers run in float32 (lpips' eps of 1e-10 is zero in float16).
@@ -223,7 +255,8 @@ class LPIPS(nn.Module):
         lin_path: str | os.PathLike | None = None,
         reduction: Literal["none", "mean", "sum"] = "none",
     ) -> LPIPS:
-        """LPIPS with VGG16 ImageNet and LPIPS v0.1 weights read from files (never downloaded)."""
+        """LPIPS with VGG16 ImageNet and LPIPS v0.1 weights, found or downloaded as the module
+        docstring says."""
         return cls(pretrained=True, vgg_path=vgg_path, lin_path=lin_path, reduction=reduction)
 
     def load_lin_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
