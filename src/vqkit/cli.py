@@ -294,6 +294,52 @@ def _guarded(prog: str, run, args: argparse.Namespace, *errors: type[Exception])
         return 1
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vqkit export",
+        description="Write a trained tokenizer (or prior) as a folder anyone can load with "
+        "from_pretrained: config.json + model.safetensors + README.md (a model card from the "
+        "run's summary.json). No optimizer, reservoirs or statistics; loads with vqkit's core "
+        "dependencies only.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint of `vqkit fit` or `vqkit prior fit`")
+    p.add_argument("--out", required=True, help="the folder to write (created)")
+    p.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO_ID",
+        help="also upload the folder to this Hugging Face Hub repository (needs vqkit[hub], "
+        "network and a token)",
+    )
+    _add_trust_arg(p)
+    return p
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .training.export import export_checkpoint
+
+    out = Path(args.out).expanduser()
+    _check_writable(out)
+    command = "vqkit export " + " ".join(shlex.quote(a) for a in args.argv)
+    folder = export_checkpoint(args.ckpt, out, trust=args.trust_checkpoint, command=command)
+    for name in sorted(p.name for p in folder.iterdir()):
+        print(f"wrote {folder / name}")
+    if args.push_to_hub:
+        from .pretrained import upload_folder
+
+        print(f"uploaded to {upload_folder(folder, args.push_to_hub)}")
+    return 0
+
+
+def _export_main(argv: Sequence[str]) -> int:
+    args = _export_parser().parse_args(list(argv))
+    args.argv = list(argv)
+    return _guarded("export", _run_export, args)
+
+
 def _analyze_main(argv: Sequence[str]) -> int:
     return _guarded("analyze", _run_analyze, _analyze_parser().parse_args(list(argv)))
 
@@ -858,6 +904,8 @@ commands:
   sample --ckpt CKPT    decode drawn codes and edit images' codes (vqkit sample --help)
   prior fit --config C  train a transformer prior over a tokenizer's codes (vqkit prior fit
                         --help); sample from it with vqkit sample --prior
+  export --ckpt C --out DIR
+                        a checkpoint as a from_pretrained folder (safetensors + config.json)
 """
 
 
@@ -911,6 +959,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _data_main(argv[1:])
     if argv[0] == "analyze":
         return _analyze_main(argv[1:])
+    if argv[0] == "export":
+        return _export_main(argv[1:])
     if argv[0] == "evaluate":
         return _evaluate_main(argv[1:])
     if argv[0] == "sample":

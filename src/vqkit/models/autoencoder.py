@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configurable import Configurable
 from .blocks import AttnBlock, Downsample, ResBlock, Upsample, norm
 
 
@@ -58,7 +59,7 @@ def _check_input(x: Tensor, channels: int, down: int, what: str) -> None:
         raise ValueError(f"{what}: H and W must be multiples of {down}, got {h}x{w}")
 
 
-class Encoder(nn.Module):
+class Encoder(Configurable, nn.Module):
     """Images (B, in_channels, H, W) -> latents (B, z_channels, H / f, W / f), f = down_factor.
 
     ``resolution`` is the nominal input size; it only places the attention blocks. The network
@@ -84,6 +85,7 @@ class Encoder(nn.Module):
             base_channels, channel_mult, num_res_blocks, attn_resolutions, resolution
         )
         self.in_channels = in_channels
+        self.resolution = resolution
         if z_channels < 1:
             raise ValueError(f"z_channels must be >= 1, got {z_channels}")
         self.z_channels = z_channels
@@ -117,7 +119,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class Decoder(Configurable, nn.Module):
     """Latents (B, z_channels, h, w) -> images (B, out_channels, h * f, w * f) in [-1, 1].
 
     Mirrors ``Encoder`` with the same arguments: mid block, then per stage from the deepest

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..configurable import Configurable, to_config
+from ..pretrained import PretrainedError, PretrainedMixin, inference_model_config, tokenizer_digest
 from ..quantize.quantizer import VectorQuantizer
 from .autoencoder import Decoder, Encoder
 
@@ -34,9 +38,10 @@ class VQModelOutput:
     passthrough: bool = False  # a quantizer warm-up step: the codes were not used
 
 
-class VQModel(nn.Module):
+class VQModel(Configurable, PretrainedMixin, nn.Module):
     """A VQ-VAE over images: ``forward`` reconstructs, ``encode`` tokenizes, ``decode_indices``
-    renders tokens.
+    renders tokens. ``save_pretrained`` / ``from_pretrained`` (``vqkit.pretrained``) write and
+    read it as ``config.json`` + ``model.safetensors``.
 
     Args:
         encoder: images -> (B, z_channels, h, w) latents.
@@ -70,9 +75,40 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, 1)
         self.post_quant_conv = nn.Conv2d(quantizer.dim, decoder.z_channels, 1)
 
+    pretrained_kind = "tokenizer"
+
     @property
     def down_factor(self) -> int:
         return self.encoder.down_factor
+
+    # ------------------------------------------------------------------------- pretrained
+    def pretrained_config(self) -> dict:
+        return inference_model_config(to_config(self, type(self).__name__))
+
+    def pretrained_facts(self, image_size: int | None = None, **facts: Any) -> dict:
+        """The image size (default: the encoder's ``resolution``), token grid, codebook shape
+        and the weights' sha256 (``tokenizer_digest``), for loaders and the model card."""
+        size = image_size if image_size is not None else self.encoder.resolution
+        out = {
+            "image_size": int(size),
+            "image_channels": self.encoder.in_channels,
+            "token_grid": list(self.token_grid(int(size))),
+            "down_factor": self.down_factor,
+            "codebook_size": self.quantizer.codebook_size,
+            "codebook_dim": self.quantizer.codebook_dim,
+            "value_range": [-1.0, 1.0],
+            "sha256": tokenizer_digest(self),
+        }
+        out.update({k: v for k, v in facts.items() if v is not None})
+        return out
+
+    def _check_loaded(self, folder: Path, config: dict) -> None:
+        recorded = config.get("sha256")
+        if recorded is not None and tokenizer_digest(self) != recorded:
+            raise PretrainedError(
+                f"the weights in {folder} do not hash to the sha256 its config.json records "
+                f"({tokenizer_digest(self)[:12]} != {str(recorded)[:12]}): altered or damaged"
+            )
 
     def token_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the token map of an image of ``image_size`` (an int means square)."""

@@ -11,38 +11,15 @@ a resumed ``vqkit prior fit``) must hash to the recorded digest.
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models import VQModel
+from ..pretrained import tokenizer_digest
 from ..training.checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
-
-DIGEST_VERSION = b"vqkit tokenizer sha256 v1\0"
-
-# The quantizer's training state: statistics and bookkeeping that change neither which code an
-# image gets nor what a code decodes to. The digest leaves them out, so a tokenizer whose
-# validation counts were recomputed is still the same tokenizer.
-_STATE_KEYS = frozenset(
-    {
-        "quantizer.step",
-        "quantizer.quantized_steps",
-        "quantizer.replaced_mask",
-        "quantizer.num_replacements",
-    }
-)
-_STATE_PREFIXES = (
-    "quantizer.usage.",
-    "quantizer.reservoirs.",
-    "quantizer.ema.",
-    "quantizer.maintenance.",
-    "quantizer.regularizers.",
-)
 
 
 def tokenizer_image_size(ckpt: dict) -> int:
@@ -53,22 +30,6 @@ def tokenizer_image_size(ckpt: dict) -> int:
     if size is None:
         raise ValueError("the tokenizer checkpoint does not record its image size")
     return int(size)
-
-
-def tokenizer_digest(tokenizer: VQModel | Mapping[str, Tensor]) -> str:
-    """sha256 (hex) of what makes a tokenizer's codes and pictures: every tensor of its state
-    dict (a ``VQModel`` or its state dict) in sorted key order, each with its key, dtype and
-    shape, except the quantizer's training state (usage counts, step counters, replacement
-    records, EMA statistics, maintenance and reservoir state)."""
-    state = tokenizer.state_dict() if isinstance(tokenizer, nn.Module) else tokenizer
-    h = hashlib.sha256(DIGEST_VERSION)
-    for key in sorted(state):
-        if key in _STATE_KEYS or key.startswith(_STATE_PREFIXES):
-            continue
-        t = state[key].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}\0{str(t.dtype)}\0{tuple(state[key].shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def checkpoint_model_state(ckpt: dict) -> dict[str, Tensor]:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configurable import Configurable
+
 KVCache = list[tuple[Tensor, Tensor]]
 
 
@@ -67,7 +69,7 @@ class _Block(nn.Module):
         return x + self.mlp(self.ln2(x)), kv
 
 
-class CodeTransformer(nn.Module):
+class CodeTransformer(Configurable, nn.Module):
     """Autoregressive prior over (h, w) grids of codes in [0, codebook_size).
 
     Args:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configurable import Configurable
 from . import distributed as D
 from .distance import nearest
 from .kmeans import kmeans, kmeans_plusplus
@@ -69,7 +70,7 @@ def _emit(quantizer: VectorQuantizer, event: MaintenanceEvent, level: int = logg
         log.log(level, "%s", event.message())
 
 
-class EMAUpdate(nn.Module):
+class EMAUpdate(Configurable, nn.Module):
     """Learn the codebook as moving averages of its assigned vectors (VQ-VAE appendix, Sonnet).
 
     ``cluster_size`` and ``embed_sum`` start consistent with the initial codes (one pseudo-count
@@ -121,7 +122,7 @@ class EMAUpdate(nn.Module):
         return f"EMA codebook: moving averages of the assigned vectors, decay {self.decay}"
 
 
-class Maintenance(nn.Module):
+class Maintenance(Configurable, nn.Module):
     """Base class of codebook-maintenance strategies."""
 
     #: set by strategies that read ``quantizer._last_min_dist`` (each token's squared distance

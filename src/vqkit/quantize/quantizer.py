@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configurable import Configurable, to_config
+from ..pretrained import PretrainedMixin, inference_quantizer_config
 from . import distributed as D
 from .distance import DEFAULT_MAX_BLOCK, nearest, pairwise_sqdist, sample_nearest
 from .maintenance import EMAUpdate, Maintenance, MaintenanceEvent
@@ -81,7 +83,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(Configurable, PretrainedMixin, nn.Module):
     """Vector quantizer for any autoencoder: image maps, sequences, or flat token lists.
 
     Args:
@@ -274,6 +276,24 @@ class VectorQuantizer(nn.Module):
         if self._quantized_cache is None:
             self._quantized_cache = int(self.quantized_steps)
         return min(1.0, (self._quantized_cache + 1) / self.commitment_warmup_steps)
+
+    # ------------------------------------------------------------------------- pretrained
+    pretrained_kind = "quantizer"
+
+    def pretrained_config(self) -> dict:
+        """This quantizer's config without EMA, maintenance and regularizers (training only):
+        ``from_pretrained`` gives a quantizer that assigns and decodes the same codes."""
+        return inference_quantizer_config(to_config(self, type(self).__name__))
+
+    def pretrained_facts(self, **facts):  # noqa: ANN003, ANN201
+        out = {
+            "dim": self.dim,
+            "codebook_size": self.codebook_size,
+            "codebook_dim": self.codebook_dim,
+            "distance": self.distance,
+        }
+        out.update({k: v for k, v in facts.items() if v is not None})
+        return out
 
     @property
     def uses_ema(self) -> bool:

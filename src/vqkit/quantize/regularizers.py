@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configurable import Configurable
 from . import distributed as D
 
 if TYPE_CHECKING:
     from .quantizer import VectorQuantizer
 
 
-class Regularizer(nn.Module):
+class Regularizer(Configurable, nn.Module):
     """Base class: ``forward(quantizer, z) -> weighted loss``; ``name`` keys it in ``losses``."""
 
     name = "regularizer"
