@@ -308,8 +308,8 @@ def _core_closure() -> list:
     """The installed distributions of vqkit's core dependencies (pyproject.toml's
     ``project.dependencies``) and everything they require, extras left out."""
     import importlib.metadata as md
-    import tomllib
 
+    import tomllib
     from packaging.requirements import Requirement
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
@@ -390,12 +390,15 @@ drawn, pictures = prior.sample(2, seed=0)
 torch.save({{"codes": codes, "recon": model.decode_indices(codes), "drawn": drawn}},
            {str(tmp_path / "core.pt")!r})
 print(sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in {_TRAINING_STACK!r}))
+from vqkit.cli import main
+assert main(["--help"]) == 1  # the commands say what to install
 """
     run = subprocess.run(
         [str(python), "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "[]"  # nothing of the training stack was imported
+    assert "pip install 'vqkit[train]'" in run.stderr
     core = torch.load(tmp_path / "core.pt")
     with torch.no_grad():
         codes = original.encode(images)

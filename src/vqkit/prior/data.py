@@ -1,5 +1,6 @@
 """Token grids for training a prior: a trained tokenizer encodes its own training and validation
-images once, and the codes are cached on disk.
+images once, and the codes are cached on disk; or the prior reads the shards ``vqkit encode``
+wrote (``tokens=``), and nothing is encoded.
 
 The split is the tokenizer's own (its checkpoint records its data module's settings), so the
 prior is validated on images the tokenizer never trained on either. ``flip`` adds the codes of
@@ -23,13 +24,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..data.datamodule import ImageDataModule
 from ..data.images import ImageFolderDataset
 from ..models import VQModel
-from ..training.checkpoint import load_model, read_checkpoint
+from ..tokens import TokensError, code_dtype, read_tokens, token_folders, tokenizer_split
+from ..training.checkpoint import CheckpointError, load_model, read_checkpoint
 from .tokenizer import checkpoint_model_state, tokenizer_digest, tokenizer_image_size
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: keyed by the tokenizer's sha256, not its file's path and mtime
-_DATA_KEYS = ("root", "val_root", "val_fraction", "split_seed", "max_images", "dataset")
 
 
 @torch.no_grad()
@@ -54,8 +55,7 @@ def encode_dataset(
         if flip:
             mirrored.append(model.encode(x.flip(-1)).cpu())
     codes = torch.cat(out + mirrored)
-    k = model.quantizer.codebook_size
-    return codes.to(torch.int16 if k <= 2**15 else torch.int32)
+    return codes.to(getattr(torch, code_dtype(model.quantizer.codebook_size).name))
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -73,6 +73,11 @@ class TokenDataModule(L.LightningDataModule):
             tokenizer's weights (their sha256, not the file's path or time stamp) and the image
             files; ``None`` values of the key reuse nothing stale.
         num_workers: training loader workers (the grids are in memory: 0 is usually right).
+        tokens: a ``vqkit encode`` output to read instead of encoding: a folder with
+            ``train/`` and ``val/`` (the tokenizer's split), or one token folder (training
+            only, no validation). Its codes must be the tokenizer's (the manifest's sha256);
+            ``flip`` takes the mirrored codes when it holds some (``vqkit encode --flip``);
+            ``root``, ``val_root``, ``encode_batch_size`` and ``cache_dir`` are unused.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class TokenDataModule(L.LightningDataModule):
         encode_batch_size: int = 64,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        tokens: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or encode_batch_size < 1:
@@ -100,6 +106,7 @@ class TokenDataModule(L.LightningDataModule):
         self.encode_batch_size = encode_batch_size
         self.cache_dir = cache_dir
         self.num_workers = num_workers
+        self.tokens = tokens
         self.train_codes: Tensor | None = None
         self.val_codes: Tensor | None = None
         self._ckpt: dict | None = None  # the tokenizer checkpoint, read once, kept until setup
@@ -113,32 +120,19 @@ class TokenDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------ images
     def _image_data(self, ckpt: dict) -> ImageDataModule:
-        hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-        kwargs = {k: hp[k] for k in _DATA_KEYS if k in hp}
-        if self.root is not None:
-            kwargs.update(root=self.root, val_root=self.val_root)
-        elif kwargs.get("root") is None:
-            kwargs.pop("root", None)
-        kwargs.setdefault("dataset", "fluent-emoji-3d")
-        if "cache_dir" in hp and hp["cache_dir"] is not None:
-            kwargs["cache_dir"] = hp["cache_dir"]
-        try:
-            dm = ImageDataModule(
-                **kwargs,
-                image_size=tokenizer_image_size(ckpt),
-                square=hp.get("square", "crop"),
-                batch_size=1,
-                num_workers=0,
-                augment=False,
-            )
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"the tokenizer's training images are not here ({e}); pass --data.root DIR"
-            ) from e
-        return dm
+        hp = ckpt.get("datamodule_hyper_parameters") or {}
+        return tokenizer_split(
+            hp,
+            tokenizer_image_size(ckpt),
+            hp.get("square", "crop"),
+            root=self.root,
+            val_root=self.val_root,
+            hint="pass --data.root DIR",
+        )
 
     def prepare_data(self) -> None:
-        self._image_data(self._checkpoint()).prepare_data()  # fetches the bundled set, once
+        if self.tokens is None:
+            self._image_data(self._checkpoint()).prepare_data()  # fetches the bundled set, once
 
     def _cache_file(self, ckpt: dict, dm: ImageDataModule) -> Path:
         from ..data.bundled import default_cache_dir
@@ -161,6 +155,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_codes is not None:
+            return
+        if self.tokens is not None:
+            self._read_tokens()
             return
         ckpt = self._checkpoint()
         self._ckpt = None  # not needed past setup: do not hold the tokenizer's weights twice
@@ -185,6 +182,57 @@ class TokenDataModule(L.LightningDataModule):
         torch.save({"train": self.train_codes, "val": self.val_codes}, tmp)
         os.replace(tmp, cache)  # every DDP process may write it: whole files only
         log.info("prior data: codes written to %s", cache)
+
+    def _prior(self) -> L.LightningModule | None:
+        trainer = getattr(self, "trainer", None)
+        return getattr(trainer, "lightning_module", None) if trainer is not None else None
+
+    def _tokenizer_sha256(self) -> tuple[str | None, str]:
+        """(sha256, name) of the prior's tokenizer: the module's in a trainer, else the
+        checkpoint's; no sha256 without either."""
+        name = self.tokenizer or "the prior's tokenizer"
+        sha = getattr(self._prior(), "tokenizer_sha256", None)
+        if sha is None and self.tokenizer is not None:
+            ckpt = self._checkpoint()
+            self._ckpt = None
+            sha = tokenizer_digest(checkpoint_model_state(ckpt))
+        return sha, name
+
+    def _read_tokens(self) -> None:
+        """``train_codes`` / ``val_codes`` from the ``vqkit encode`` output ``tokens``."""
+        sha, name = self._tokenizer_sha256()
+        try:
+            folders = token_folders(self.tokens)
+            train = read_tokens(folders["train"], sha256=sha, tokenizer=name, flipped=self.flip)
+            val = None
+            if "val" in folders:
+                val = read_tokens(folders["val"], sha256=sha, tokenizer=name, flipped=False)
+        except TokensError as e:
+            # one line from `vqkit prior fit`, as for a tokenizer that does not fit
+            raise CheckpointError(f"--data.tokens: {e}") from None
+        grid = getattr(getattr(self._prior(), "transformer", None), "grid", None)
+        if grid is not None and tuple(train.codes.shape[1:]) != tuple(grid):
+            raise CheckpointError(
+                f"--data.tokens: {train.folder} holds {tuple(train.codes.shape[1:])} grids; the "
+                f"prior models {tuple(grid)} grids"
+            )
+        self.train_codes = train.codes
+        if self.flip:
+            if train.flipped is not None:
+                self.train_codes = torch.cat([train.codes, train.flipped])
+            else:
+                log.warning(
+                    "prior data: %s holds no mirrored codes (encode with --flip); training on "
+                    "the originals only",
+                    train.folder,
+                )
+        self.val_codes = val.codes if val is not None else None
+        log.info(
+            "prior data: %d training and %d validation grids read from %s",
+            len(self.train_codes),
+            0 if self.val_codes is None else len(self.val_codes),
+            self.tokens,
+        )
 
     def _device(self) -> torch.device:
         trainer = getattr(self, "trainer", None)
