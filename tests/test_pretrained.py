@@ -406,3 +406,28 @@ assert main(["--help"]) == 1  # the commands say what to install
         assert torch.equal(core["recon"], original.decode_indices(codes))
     expected = transformer.eval().generate(2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(core["drawn"], expected)
+
+
+def test_a_prior_trains_on_an_exported_tokenizer(tokenizer, tmp_path):
+    """`--model.tokenizer` takes a `vqkit export` folder: same split, same codes, and the prior
+    records the same sha256 as one trained on the checkpoint."""
+    from tests.test_prior import _prior_args
+    from vqkit.prior import load_prior
+
+    ckpt, _ = tokenizer
+    folder = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(folder)]) == 0
+    args = _prior_args(folder, tmp_path / "run", tmp_path / "cache")
+    assert main(["prior", *args]) == 0
+    prior_ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    module = load_prior(prior_ckpt)
+    assert module.tokenizer_sha256 == tokenizer_digest(VQModel.from_pretrained(folder))
+    from vqkit.training import load_model
+
+    assert module.tokenizer_sha256 == tokenizer_digest(load_model(ckpt))
+    # the codes it trained on are the checkpoint's: the token cache is keyed by the weights,
+    # so a prior on the checkpoint finds this one's cache and encodes nothing new
+    cached = sorted((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 1
+    assert main(["prior", *_prior_args(ckpt, tmp_path / "run2", tmp_path / "cache")]) == 0
+    assert sorted((tmp_path / "cache").glob("*.pt")) == cached

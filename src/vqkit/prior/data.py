@@ -25,8 +25,14 @@ from ..data.datamodule import ImageDataModule
 from ..data.images import ImageFolderDataset
 from ..models import VQModel
 from ..tokens import TokensError, code_dtype, read_tokens, token_folders, tokenizer_split
-from ..training.checkpoint import CheckpointError, load_model, read_checkpoint
-from .tokenizer import checkpoint_model_state, tokenizer_digest, tokenizer_image_size
+from ..training.checkpoint import CheckpointError
+from .tokenizer import (
+    checkpoint_model_state,
+    read_tokenizer,
+    tokenizer_digest,
+    tokenizer_image_size,
+    tokenizer_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +121,7 @@ class TokenDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise ValueError("TokenDataModule needs tokenizer= (a `vqkit fit` checkpoint)")
         if self._ckpt is None:
-            self._ckpt = read_checkpoint(self.tokenizer)
+            self._ckpt = read_tokenizer(self.tokenizer)
         return self._ckpt
 
     # ------------------------------------------------------------------------------ images
@@ -170,7 +176,7 @@ class TokenDataModule(L.LightningDataModule):
             self.train_codes, self.val_codes = data["train"], data.get("val")
             log.info("prior data: codes read from %s", cache)
             return
-        model = load_model(path, checkpoint=ckpt)
+        model = tokenizer_model(path, ckpt)
         device = self._device()
         kw = {"batch_size": self.encode_batch_size, "device": device}
         self.train_codes = encode_dataset(model, dm.train_dataset, flip=self.flip, **kw)

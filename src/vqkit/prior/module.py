@@ -30,11 +30,11 @@ class PriorModule(L.LightningModule):
     """An autoregressive prior over the code grid of a trained tokenizer (seed 004, phase 3).
 
     Args:
-        tokenizer: the tokenizer's checkpoint (``vqkit fit``). It gives the codebook size and
-            the token grid, and decodes samples; it is frozen. This module's checkpoints carry
-            it (config, weights and their sha256, under ``"tokenizer"``, beside the state
-            dict), so ``load_prior`` needs no tokenizer file, and a tokenizer given to it or
-            to a resumed run must hash to the recorded sha256.
+        tokenizer: the tokenizer's checkpoint (``vqkit fit``) or its ``vqkit export`` folder.
+            It gives the codebook size and the token grid, and decodes samples; it is frozen.
+            This module's checkpoints carry it (config, weights and their sha256, under
+            ``"tokenizer"``, beside the state dict), so ``load_prior`` needs no tokenizer file,
+            and a tokenizer given to it or to a resumed run must hash to the recorded sha256.
         n_layer, n_head, n_embd, dropout: the ``CodeTransformer``.
         lr, betas, weight_decay: AdamW (decay on matrices only, not on embeddings, norms or
             biases), with ``warmup_steps`` of linear warm-up and a cosine to ``min_lr``.

@@ -21,6 +21,45 @@ from ..models import VQModel
 from ..pretrained import tokenizer_digest
 from ..training.checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
 
+PRETRAINED_KEY = "pretrained_folder"  # set by read_tokenizer for a save_pretrained folder
+
+
+def read_tokenizer(path: str | Path, *, trust: bool = False) -> dict:
+    """A tokenizer as a ``vqkit fit`` checkpoint dict: the checkpoint itself, or the same keys
+    (model config, data settings, ``model.``-prefixed weights) built from a
+    ``save_pretrained`` / ``vqkit export`` folder."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return read_checkpoint(p, trust=trust)
+    from ..pretrained import PretrainedError, read_config, read_weights
+
+    try:
+        config = read_config(p, "tokenizer")
+        state = read_weights(p)
+    except PretrainedError as e:
+        raise CheckpointError(str(e)) from None
+    data = dict((config.get("trained_with") or {}).get("data") or {})
+    data["image_size"] = int(config["image_size"])
+    data["square"] = config.get("square", data.get("square", "crop"))
+    return {
+        "hyper_parameters": {
+            "_class_path": "vqkit.training.VQTokenizerModule",
+            "model": config["model"],
+            "_instantiator": "lightning.pytorch.cli.instantiate_module",
+        },
+        "datamodule_hyper_parameters": data,
+        "state_dict": {f"model.{k}": v for k, v in state.items()},
+        PRETRAINED_KEY: str(p),
+    }
+
+
+def tokenizer_model(path: str | Path, ckpt: dict) -> VQModel:
+    """The ``VQModel`` of a ``read_tokenizer`` dict, in eval mode."""
+    folder = ckpt.get(PRETRAINED_KEY)
+    if folder is not None:
+        return VQModel.from_pretrained(folder)
+    return load_model(path, checkpoint=ckpt)
+
 
 def tokenizer_image_size(ckpt: dict) -> int:
     """The image size a ``vqkit fit`` checkpoint trained at."""
@@ -69,13 +108,13 @@ class FrozenTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, *, trust: bool = False) -> FrozenTokenizer:
-        """From a ``vqkit fit`` checkpoint."""
-        ckpt = read_checkpoint(path, trust=trust)
+        """From a ``vqkit fit`` checkpoint or a ``vqkit export`` folder."""
+        ckpt = read_tokenizer(path, trust=trust)
         # copies taken first: building the model turns parts of the config into jsonargparse
         # Namespaces in place, which a safe load of the prior checkpoint would refuse
         hparams = copy.deepcopy(dict(ckpt.get("hyper_parameters") or {}))
         data_hparams = copy.deepcopy(dict(ckpt.get("datamodule_hyper_parameters") or {}))
-        model = load_model(path, checkpoint=ckpt)
+        model = tokenizer_model(path, ckpt)
         return cls(
             model,
             tokenizer_image_size(ckpt),
