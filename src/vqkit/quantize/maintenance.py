@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,52 +17,14 @@ from torch import Tensor, nn
 from ..configurable import Configurable
 from . import distributed as D
 from .distance import nearest
+from .interface import CodebookOwner, MaintenanceEvent
 from .kmeans import kmeans, kmeans_plusplus
 from .reservoir import ReservoirSampler
-
-if TYPE_CHECKING:
-    from .quantizer import VectorQuantizer
 
 log = logging.getLogger("vqkit.quantize")
 
 
-@dataclass
-class MaintenanceEvent:
-    """One thing a strategy did (or declined to do) to the codebook at one training step.
-
-    Strategies append these to ``quantizer.events`` (drained by ``quantizer.pop_events()``; the
-    training callback turns them into console lines and TensorBoard scalars) and log
-    ``message()`` on the ``vqkit.quantize`` logger from the first process.
-    """
-
-    step: int
-    strategy: str  # "k-means init", "k-means re-estimation", "dead-code restart"
-    status: str  # "done" or "skipped"
-    samples: int = 0  # reservoir vectors the k-means ran on (or had, when skipped)
-    codes_replaced: int = 0
-    inertia: float | None = None  # k-means mean squared distance, first process only
-    ms: float = 0.0
-    detail: str = ""  # why it was skipped, or what the replaced codes were
-    usage_mean: float | None = None  # dead-code restart: EMA usage of the restarted codes
-    usage_max: float | None = None
-
-    def message(self) -> str:
-        head = f"{self.strategy} at step {self.step}"
-        if self.status == "skipped":
-            return f"{head} skipped: {self.detail}"
-        parts = []
-        if self.samples:
-            parts.append(f"{self.samples} samples")
-        parts.append(f"{self.codes_replaced} codes replaced")
-        if self.inertia is not None and self.inertia == self.inertia:  # not NaN
-            parts.append(f"inertia {self.inertia:.4g}")
-        if self.ms:
-            parts.append(f"{self.ms:.0f} ms")
-        tail = f" ({self.detail})" if self.detail else ""
-        return f"{head}: " + ", ".join(parts) + tail
-
-
-def _emit(quantizer: VectorQuantizer, event: MaintenanceEvent, level: int = logging.INFO) -> None:
+def _emit(quantizer: CodebookOwner, event: MaintenanceEvent, level: int = logging.INFO) -> None:
     quantizer.events.append(event)
     if D.rank() == 0:
         log.log(level, "%s", event.message())
@@ -87,7 +47,7 @@ class EMAUpdate(Configurable, nn.Module):
         self.eps = eps
         self._bound = False
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         if self._bound:
             raise ValueError(
                 "this EMAUpdate is already bound to a quantizer; make one per quantizer"
@@ -98,7 +58,7 @@ class EMAUpdate(Configurable, nn.Module):
         self.register_buffer("embed_sum", quantizer.codebook.detach().clone().float())
 
     @torch.no_grad()
-    def update(self, quantizer: VectorQuantizer, counts: Tensor, sums: Tensor) -> None:
+    def update(self, quantizer: CodebookOwner, counts: Tensor, sums: Tensor) -> None:
         d = self.decay
         self.cluster_size.mul_(d).add_(counts, alpha=1.0 - d)
         self.embed_sum.mul_(d).add_(sums, alpha=1.0 - d)
@@ -111,38 +71,38 @@ class EMAUpdate(Configurable, nn.Module):
         quantizer.codebook.copy_(codes.to(quantizer.codebook.dtype))
 
     @torch.no_grad()
-    def on_codes_replaced(self, quantizer: VectorQuantizer, mask: Tensor, counts: Tensor) -> None:
+    def on_codes_replaced(self, quantizer: CodebookOwner, mask: Tensor, counts: Tensor) -> None:
         self.cluster_size[mask] = counts[mask]
         self.embed_sum[mask] = quantizer.codebook.float()[mask] * counts[mask, None]
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}, eps={self.eps}"
 
-    def describe(self, quantizer: VectorQuantizer) -> str:
+    def describe(self, quantizer: CodebookOwner) -> str:
         return f"EMA codebook: moving averages of the assigned vectors, decay {self.decay}"
 
 
 class Maintenance(Configurable, nn.Module):
     """Base class of codebook-maintenance strategies."""
 
-    #: set by strategies that read ``quantizer._last_min_dist`` (each token's squared distance
+    #: set by strategies that read ``quantizer.last_min_dist`` (each token's squared distance
     #: to its code); the quantizer computes it only when some strategy asks.
     needs_min_distances = False
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         """Called once by the owning quantizer: create buffers sized to its codebook."""
 
-    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+    def before_quantize(self, quantizer: CodebookOwner, z: Tensor) -> bool:
         """Training forwards only, before assignment. Return True to pass ``z`` through
         unquantized this step (warm-up)."""
         return False
 
     def after_assign(
-        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+        self, quantizer: CodebookOwner, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
         """Training forwards only, after assignment; ``counts`` are global per-code counts."""
 
-    def describe(self, quantizer: VectorQuantizer) -> str:
+    def describe(self, quantizer: CodebookOwner) -> str:
         """One line saying what this strategy will do and when (printed at the start of a run)."""
         return repr(self)
 
@@ -156,7 +116,7 @@ _RESERVOIR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat
 
 
 def _make_reservoir(
-    quantizer: VectorQuantizer, size: int, owner: str, dtype: str, device: str | None, seed: int
+    quantizer: CodebookOwner, size: int, owner: str, dtype: str, device: str | None, seed: int
 ) -> ReservoirSampler:
     if dtype not in _RESERVOIR_DTYPES:
         raise ValueError(
@@ -176,7 +136,7 @@ def _hold(strategy: Maintenance, reservoir: ReservoirSampler) -> None:
     strategy.__dict__["reservoir"] = reservoir
 
 
-def _feed(quantizer: VectorQuantizer, reservoir: ReservoirSampler, z: Tensor) -> None:
+def _feed(quantizer: CodebookOwner, reservoir: ReservoirSampler, z: Tensor) -> None:
     """Add this step's batch once, however many strategies share the reservoir."""
     step = quantizer.current_step
     if getattr(reservoir, "_fed_step", None) == step:
@@ -185,12 +145,12 @@ def _feed(quantizer: VectorQuantizer, reservoir: ReservoirSampler, z: Tensor) ->
     reservoir._fed_step = step
 
 
-def _tokens_per_step(quantizer: VectorQuantizer, z: Tensor) -> int:
-    return quantizer._last_tokens or z.shape[0] * D.world_size()
+def _tokens_per_step(quantizer: CodebookOwner, z: Tensor) -> int:
+    return quantizer.last_tokens or z.shape[0] * D.world_size()
 
 
 def _kmeans_on_rank0(
-    quantizer: VectorQuantizer, x: Tensor, step: int, seed: int, iters: int, **kw
+    quantizer: CodebookOwner, x: Tensor, step: int, seed: int, iters: int, **kw
 ) -> tuple[Tensor, Tensor, float]:
     """Run k-means once (rank 0) and return (centers, per-center counts, inertia); other ranks
     get placeholders that ``replace_codes`` overwrites by broadcast."""
@@ -246,7 +206,7 @@ class KMeansInit(_Cached):
         self._cache_valid = False
         self._done = False
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         dtype, device = self._res_args
         _hold(
             self,
@@ -258,7 +218,7 @@ class KMeansInit(_Cached):
             self._done, self._cache_valid = bool(self.done), True
         return self._done
 
-    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+    def before_quantize(self, quantizer: CodebookOwner, z: Tensor) -> bool:
         if self.is_done():
             return False
         _feed(quantizer, self.reservoir, z)
@@ -287,7 +247,7 @@ class KMeansInit(_Cached):
         _emit(quantizer, event)
         return False
 
-    def describe(self, quantizer: VectorQuantizer) -> str:
+    def describe(self, quantizer: CodebookOwner) -> str:
         k = quantizer.codebook_size
         if self.warmup_steps == 0:
             when = "from the first batches"
@@ -350,7 +310,7 @@ class KMeansReestimate(Maintenance):
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         dtype, device = self._res_args
         _hold(
             self,
@@ -362,7 +322,7 @@ class KMeansReestimate(Maintenance):
         # quantized training forwards counted in counts_since: 0 before quantization begins
         self.register_buffer("counted_steps", torch.zeros((), dtype=torch.long))
 
-    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+    def before_quantize(self, quantizer: CodebookOwner, z: Tensor) -> bool:
         step = quantizer.current_step
         if step >= self.until:
             return False
@@ -380,7 +340,7 @@ class KMeansReestimate(Maintenance):
         return False
 
     def after_assign(
-        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+        self, quantizer: CodebookOwner, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
         if quantizer.current_step < self.until:
             self.counted_steps.add_(1)
@@ -388,7 +348,7 @@ class KMeansReestimate(Maintenance):
                 self.counts_since.add_(counts.long())
 
     @torch.no_grad()
-    def reestimate(self, quantizer: VectorQuantizer, step: int, tokens_per_step: int) -> int:
+    def reestimate(self, quantizer: CodebookOwner, step: int, tokens_per_step: int) -> int:
         """Run one re-estimation now; returns the number of codes replaced (0 when skipped)."""
         x = self.reservoir.contents()
         k = quantizer.codebook_size
@@ -426,7 +386,7 @@ class KMeansReestimate(Maintenance):
         return replaced
 
     def _dead_centers(
-        self, quantizer: VectorQuantizer, x: Tensor, dead: Tensor, step: int
+        self, quantizer: CodebookOwner, x: Tensor, dead: Tensor, step: int
     ) -> tuple[Tensor, Tensor, float]:
         k = quantizer.codebook_size
         dev = quantizer.codebook.device
@@ -451,7 +411,7 @@ class KMeansReestimate(Maintenance):
             state_dict[key] = counted.to(torch.long).reshape(())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _after(self, quantizer: VectorQuantizer) -> None:
+    def _after(self, quantizer: CodebookOwner) -> None:
         self.counts_since.zero_()
         self.counted_steps.zero_()
         if self.reset_reservoir:
@@ -463,7 +423,7 @@ class KMeansReestimate(Maintenance):
             f"mode={self.mode!r}, min_usage={self.min_usage}"
         )
 
-    def describe(self, quantizer: VectorQuantizer) -> str:
+    def describe(self, quantizer: CodebookOwner) -> str:
         what = (
             "the whole codebook replaced by"
             if self.mode == "full"
@@ -519,7 +479,7 @@ class DeadCodeRestart(Maintenance):
 
     needs_min_distances = True
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         if self.source == "reservoir":
             dtype, device = self._res_args
             _hold(
@@ -529,14 +489,14 @@ class DeadCodeRestart(Maintenance):
                 ),
             )
 
-    def before_quantize(self, quantizer: VectorQuantizer, z: Tensor) -> bool:
+    def before_quantize(self, quantizer: CodebookOwner, z: Tensor) -> bool:
         if self.source == "reservoir":
             _feed(quantizer, self.reservoir, z)
         return False
 
     @torch.no_grad()
     def after_assign(
-        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+        self, quantizer: CodebookOwner, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
         step = quantizer.current_step
         if step % self.every:
@@ -571,9 +531,9 @@ class DeadCodeRestart(Maintenance):
         )
         _emit(quantizer, event, logging.DEBUG)
 
-    def _captured(self, quantizer: VectorQuantizer, z: Tensor, new: Tensor) -> Tensor:
+    def _captured(self, quantizer: CodebookOwner, z: Tensor, new: Tensor) -> Tensor:
         """Global count of this batch's tokens that would pick each new code."""
-        d_old = quantizer._last_min_dist
+        d_old = quantizer.last_min_dist
         if d_old is None or d_old.shape[0] != z.shape[0]:
             _, d_old = nearest(z, quantizer.effective_codebook().detach())
         idx, d_new = nearest(z, new)
@@ -584,7 +544,7 @@ class DeadCodeRestart(Maintenance):
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, source={self.source!r}, every={self.every}"
 
-    def describe(self, quantizer: VectorQuantizer) -> str:
+    def describe(self, quantizer: CodebookOwner) -> str:
         when = "every step" if self.every == 1 else f"every {self.every} steps"
         pool = (
             "the batch" if self.source == "batch" else f"a {self.reservoir_size}-vector reservoir"
@@ -615,12 +575,12 @@ class LowUsageReset(Maintenance):
         self.every = every
         self.seed = seed
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         self.register_buffer("counts_since", torch.zeros(quantizer.codebook_size))
 
     @torch.no_grad()
     def after_assign(
-        self, quantizer: VectorQuantizer, z: Tensor, indices: Tensor, counts: Tensor
+        self, quantizer: CodebookOwner, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
         self.counts_since += counts
         step = quantizer.current_step + 1  # the quantizer counts this step after the hooks
@@ -653,7 +613,7 @@ class LowUsageReset(Maintenance):
             MaintenanceEvent(step - 1, "low-usage reset", "done", 0, replaced, detail=detail),
         )
 
-    def describe(self, quantizer: VectorQuantizer) -> str:
+    def describe(self, quantizer: CodebookOwner) -> str:
         n = max(1, int(self.fraction * quantizer.codebook_size))
         return (
             f"low-usage reset every {self.every} steps: the {n} least used codes "

@@ -20,7 +20,8 @@ from ..configurable import Configurable, to_config
 from ..pretrained import PretrainedMixin, inference_quantizer_config
 from . import distributed as D
 from .distance import DEFAULT_MAX_BLOCK, nearest, pairwise_sqdist, sample_nearest
-from .maintenance import EMAUpdate, Maintenance, MaintenanceEvent
+from .interface import MaintenanceEvent
+from .maintenance import EMAUpdate, Maintenance
 from .regularizers import Regularizer
 from .reservoir import ReservoirSampler
 from .usage import CodeUsage
@@ -268,6 +269,17 @@ class VectorQuantizer(Configurable, PretrainedMixin, nn.Module):
             name = next(n for n, r in self.reservoirs.items() if r is res)
             for k in keys:
                 state_dict[f"{prefix}reservoirs.{name}.{k[len(old) :]}"] = state_dict.pop(k)
+
+    @property
+    def last_tokens(self) -> int:
+        """Tokens of the last training forward, summed over processes (``CodebookOwner``)."""
+        return self._last_tokens
+
+    @property
+    def last_min_dist(self) -> Tensor | None:
+        """Each token's squared distance to its code in the last training forward, kept only
+        when a strategy needs it (``CodebookOwner``)."""
+        return self._last_min_dist
 
     def commitment_scale(self) -> float:
         """The share of ``commitment_weight`` in force (the warm-up ramp; 1 in eval)."""

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configurable import Configurable
 from . import distributed as D
-
-if TYPE_CHECKING:
-    from .quantizer import VectorQuantizer
+from .interface import CodebookOwner
 
 
 class Regularizer(Configurable, nn.Module):
@@ -20,10 +16,10 @@ class Regularizer(Configurable, nn.Module):
 
     name = "regularizer"
 
-    def bind(self, quantizer: VectorQuantizer) -> None:
+    def bind(self, quantizer: CodebookOwner) -> None:
         """Called once by the quantizer that owns this term."""
 
-    def forward(self, quantizer: VectorQuantizer, z: Tensor) -> Tensor:  # pragma: no cover
+    def forward(self, quantizer: CodebookOwner, z: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -52,7 +48,7 @@ class EntropyPenalty(Regularizer):
         self.temperature = temperature
         self.max_tokens = max_tokens
 
-    def forward(self, quantizer: VectorQuantizer, z: Tensor) -> Tensor:
+    def forward(self, quantizer: CodebookOwner, z: Tensor) -> Tensor:
         if self.max_tokens is not None and z.shape[0] > self.max_tokens:
             z = z[torch.randperm(z.shape[0], device=z.device)[: self.max_tokens]]
         logits = -quantizer.distances(z) / self.temperature
