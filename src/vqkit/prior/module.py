@@ -145,20 +145,27 @@ class PriorModule(L.LightningModule):
 
     def _log_samples(self) -> None:
         hp = self.hparams
+        # read on every process, like on_validation_epoch_end does: a metric reduced over
+        # processes must not be asked for by one alone
+        nll = self.trainer.callback_metrics.get("val/nll")
         exp = getattr(self.logger, "experiment", None)
         if hp.num_log_samples <= 0 or exp is None or not hasattr(exp, "add_image"):
             return
         if self.global_rank != 0:
             return
         from ..evaluation.sampling import decode_codes
-        from ..evaluation.visual import image_grid, image_rows
+        from ..evaluation.visual import sample_grid
 
         g = torch.Generator(device=self.device).manual_seed(0)
         codes = self.transformer.generate(
             hp.num_log_samples, temperature=hp.temperature, top_k=hp.top_k, generator=g
         )
         images = decode_codes(self.tokenizer_model, codes)
-        exp.add_image("val/samples", image_grid(image_rows(images)), self.global_step)
+        title = "prior samples"
+        if nll is not None:
+            title += f", {float(nll) / math.log(2):.2f} bits per code"
+        title += f", temperature {hp.temperature:g}, step {self.global_step}"
+        exp.add_image("val/samples", sample_grid(images, title), self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The transformer's own arguments: `load_prior_transformer` rebuilds it for sampling

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-from ..evaluation.visual import image_grid, save_png, save_usage_plot
+from ..evaluation.visual import labelled_grid, save_png, save_usage_plot
 from ..fileio import atomic_write_text
 
 log = logging.getLogger("vqkit.training")
@@ -59,6 +59,16 @@ def run_dir(trainer: L.Trainer) -> Path:
     """The folder of this run: the logger's version folder, else the trainer's root dir."""
     d = trainer.log_dir if trainer.logger is not None else None
     return Path(d or trainer.default_root_dir)
+
+
+def _reconstructions_title(summary: dict) -> str:
+    """The title of the end-of-fit reconstructions.png: the last validation's PSNR (over the
+    whole validation set, not only the images shown) and the run's length."""
+    parts = ["last validation's reconstructions"]
+    if "psnr" in summary:
+        parts.append(f"PSNR {summary['psnr']:.1f} dB")
+    parts.append(f"{summary['steps']} training steps")
+    return ", ".join(parts)
 
 
 class TrainingSummary(L.Callback):
@@ -114,9 +124,12 @@ class TrainingSummary(L.Callback):
         files = {"summary": folder / self.filename}
         batch = getattr(pl_module, "_val_batch", None)
         if batch is not None:
-            files["reconstructions"] = save_png(
-                image_grid([batch[0], batch[1]]), folder / "reconstructions.png"
+            grid = labelled_grid(
+                [batch[0], batch[1]],
+                ["original", "reconstruction"],
+                _reconstructions_title(summary),
             )
+            files["reconstructions"] = save_png(grid, folder / "reconstructions.png")
         counts = pl_module.quantizer.usage.eval_counts
         if counts.sum() > 0:
             files["code_usage"] = save_usage_plot(

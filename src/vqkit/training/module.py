@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..evaluation.metrics import psnr, ssim
-from ..evaluation.visual import image_grid
+from ..evaluation.visual import labelled_grid
 from ..losses import VQLoss
 from ..models import VQModel
 from ..quantize import NonFiniteError, reset_optimizer_state
@@ -314,7 +314,15 @@ class VQTokenizerModule(L.LightningModule):
         if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
             return
         n = min(self.hparams.num_log_images, images.shape[0])
-        grid = image_grid([images[:n], recs[:n]])
+        images, recs = images[:n].detach(), recs[:n].detach()
+        # the PSNR of the images shown: the validation set's mean would need a collective call
+        # that only this process makes
+        what = "validation" if prefix == "val" else "training"
+        title = (
+            f"{what} reconstructions, PSNR {float(psnr(recs, images)):.1f} dB (these {n}), "
+            f"step {self.global_step}"
+        )
+        grid = labelled_grid([images, recs], ["original", "reconstruction"], title)
         exp.add_image(f"{prefix}/reconstructions", grid, self.global_step)
         counts = counts.detach().float().cpu()
         if counts.sum() > 0:
