@@ -16,6 +16,22 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import utilization_study as U  # noqa: E402
+from benchmarks.utilization.report import (  # noqa: E402
+    IMG_REL,
+    JSON_REL,
+    MD_REL,
+    findings,
+    uniform_ceiling,
+)
+from benchmarks.utilization.rows import (  # noqa: E402
+    CONFIG,
+    ROWS,
+    Ctx,
+    build_model,
+    build_quantizer,
+    load_quickstart,
+)
+from benchmarks.utilization.runner import evaluate  # noqa: E402
 
 from vqkit.quantize import DeadCodeRestart, EMAUpdate, KMeansInit, KMeansReestimate  # noqa: E402
 
@@ -30,11 +46,11 @@ def _need_peer() -> None:
 
 @pytest.fixture(scope="module")
 def quickstart() -> dict:
-    return U.load_quickstart()
+    return load_quickstart()
 
 
-def _ctx(quickstart: dict, k: int = 1024, scale: float = 0.01) -> U.Ctx:
-    return U.Ctx(
+def _ctx(quickstart: dict, k: int = 1024, scale: float = 0.01) -> Ctx:
+    return Ctx(
         dim=quickstart["quantizer"]["init_args"]["dim"],
         codebook_size=k,
         scale=scale,
@@ -43,15 +59,15 @@ def _ctx(quickstart: dict, k: int = 1024, scale: float = 0.01) -> U.Ctx:
     )
 
 
-@pytest.mark.parametrize("name", list(U.ROWS))
+@pytest.mark.parametrize("name", list(ROWS))
 def test_row_builds_trains_and_evaluates(name: str, quickstart: dict) -> None:
     if name == "peer":
         _need_peer()
     # K=64 and schedules scaled to (warm-up 1, every 2) so k-means init and re-estimation run
     torch.manual_seed(0)
-    q = U.build_quantizer(name, _ctx(quickstart, k=64))
+    q = build_quantizer(name, _ctx(quickstart, k=64))
     assert q.codebook_size == 64
-    model = U.build_model(q, quickstart, seed=0)
+    model = build_model(q, quickstart, seed=0)
     assert model.quantizer is q
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     model.train()
@@ -65,7 +81,7 @@ def test_row_builds_trains_and_evaluates(name: str, quickstart: dict) -> None:
         loss.backward()
         opt.step()
     assert out.indices.shape == (4, 8, 8)
-    ev = U.evaluate(model, x, q.codebook_size)
+    ev = evaluate(model, x, q.codebook_size)
     assert ev["tokens"] == 4 * 64
     assert sum(ev["counts"]) == 256 and len(ev["counts"]) == 64
     assert 0 < ev["utilization"] <= 1
@@ -75,9 +91,9 @@ def test_row_builds_trains_and_evaluates(name: str, quickstart: dict) -> None:
 
 def test_encoder_weights_do_not_depend_on_the_row(quickstart: dict) -> None:
     _need_peer()
-    a = U.build_model(U.build_quantizer("plain", _ctx(quickstart)), quickstart, seed=3)
-    b = U.build_model(U.build_quantizer("peer", _ctx(quickstart)), quickstart, seed=3)
-    c = U.build_model(U.build_quantizer("default", _ctx(quickstart)), quickstart, seed=4)
+    a = build_model(build_quantizer("plain", _ctx(quickstart)), quickstart, seed=3)
+    b = build_model(build_quantizer("peer", _ctx(quickstart)), quickstart, seed=3)
+    c = build_model(build_quantizer("default", _ctx(quickstart)), quickstart, seed=4)
     wa, wb, wc = (m.encoder.conv_in.weight for m in (a, b, c))
     assert torch.equal(wa, wb)
     assert not torch.equal(wa, wc)
@@ -85,7 +101,7 @@ def test_encoder_weights_do_not_depend_on_the_row(quickstart: dict) -> None:
 
 def test_peer_adapter_is_counted_by_code_usage(quickstart: dict) -> None:
     _need_peer()
-    q = U.build_quantizer("peer", _ctx(quickstart, k=64))
+    q = build_quantizer("peer", _ctx(quickstart, k=64))
     assert q.uses_ema and not q.replaced_mask.any()
     assert not any(p.requires_grad for p in q.vq._codebook.parameters())
     x = torch.randn(3, 64, 8, 8)
@@ -104,9 +120,9 @@ def test_peer_adapter_is_counted_by_code_usage(quickstart: dict) -> None:
 
 
 def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
-    cfg = yaml.safe_load(U.CONFIG.read_text())
+    cfg = yaml.safe_load(CONFIG.read_text())
     qargs = cfg["model"]["model"]["init_args"]["quantizer"]["init_args"]
-    q = U.build_quantizer("default", _ctx(quickstart, scale=1.0))
+    q = build_quantizer("default", _ctx(quickstart, scale=1.0))
     assert q.codebook_size == qargs["codebook_size"] and q.dim == qargs["dim"]
     assert isinstance(q.ema, EMAUpdate) and q.ema.decay == qargs["ema"]["init_args"]["decay"]
     want = [m["class_path"].rsplit(".", 1)[-1] for m in qargs["maintenance"]]
@@ -115,20 +131,20 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
         for key, value in spec.get("init_args", {}).items():
             assert getattr(m, key) == value, (type(m).__name__, key)
     # rows 4-6 take the default's schedule; 5 and 6 differ only in the mode
-    full = U.build_quantizer("vqfr_full", _ctx(quickstart, scale=1.0)).maintenance
-    dead = U.build_quantizer("vqkit_dead", _ctx(quickstart, scale=1.0)).maintenance
+    full = build_quantizer("vqfr_full", _ctx(quickstart, scale=1.0)).maintenance
+    dead = build_quantizer("vqkit_dead", _ctx(quickstart, scale=1.0)).maintenance
     assert isinstance(full[0], KMeansInit) and full[0].warmup_steps == q.maintenance[0].warmup_steps
     assert isinstance(full[1], KMeansReestimate) and (full[1].mode, dead[1].mode) == (
         "full",
         "dead",
     )
     assert full[1].every == dead[1].every == q.maintenance[1].every
-    restart = U.build_quantizer("ema_restart", _ctx(quickstart)).maintenance[0]
+    restart = build_quantizer("ema_restart", _ctx(quickstart)).maintenance[0]
     assert isinstance(restart, DeadCodeRestart) and restart.threshold == 2.0
 
 
 def test_low_usage_reset_replaces_its_share(quickstart: dict) -> None:
-    q = U.build_quantizer("seed002", _ctx(quickstart, k=100))  # resets every 2 steps
+    q = build_quantizer("seed002", _ctx(quickstart, k=100))  # resets every 2 steps
     assert q.sample_temperature == 2.5 and q.ema.decay == 0.7
     assert q.regularizers[0].weight == 2.0
     q.train()
@@ -142,7 +158,7 @@ def test_low_usage_reset_replaces_its_share(quickstart: dict) -> None:
 def test_quick_study_writes_json_markdown_and_pngs(tmp_path: Path) -> None:
     _need_peer()
     result = U.main(["--quick", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / U.JSON_REL).read_text())
+    data = json.loads((tmp_path / JSON_REL).read_text())
     assert data["settings"]["quick"] and data["machine"]["cpu_cores"] >= 1
     assert "--quick" in data["command"]
     runs = {r["row"]: r for r in data["runs"]}
@@ -157,12 +173,12 @@ def test_quick_study_writes_json_markdown_and_pngs(tmp_path: Path) -> None:
         assert r["train_seconds"] > 0, name
         assert [p["step"] for p in r["curve"]][-1] == r["steps"] == 30
         assert all(0 < p["utilization"] <= 1 for p in r["curve"])
-    md = (tmp_path / U.MD_REL).read_text()
+    md = (tmp_path / MD_REL).read_text()
     table = [line for line in md.splitlines() if line.startswith("| ") and "`" in line]
     for name in U.QUICK_ROWS:
         assert sum(f"(`{name}`)" in line for line in table) == 1, name
     assert "targets" in md and ("met" in md or "MISSED" in md)
-    pngs = sorted((tmp_path / U.IMG_REL).glob("*.png"))
+    pngs = sorted((tmp_path / IMG_REL).glob("*.png"))
     assert len(pngs) == 2
     for p in pngs:
         assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000
@@ -179,9 +195,9 @@ def test_uniform_ceiling_and_its_finding() -> None:
     torch.manual_seed(0)
     k, n = 8192, 21696
     hits = [torch.randint(k, (n,)).unique().numel() / k for _ in range(20)]
-    assert abs(U.uniform_ceiling(k, n) - sum(hits) / len(hits)) < 0.002
-    assert abs(U.uniform_ceiling(k, n) - (1 - math.exp(-n / k))) < 1e-4
-    assert U.uniform_ceiling(1024, n) > 0.999999
+    assert abs(uniform_ceiling(k, n) - sum(hits) / len(hits)) < 0.002
+    assert abs(uniform_ceiling(k, n) - (1 - math.exp(-n / k))) < 1e-4
+    assert uniform_ceiling(1024, n) > 0.999999
     row = {
         "utilization": 0.6,
         "normalized_entropy": 0.9,
@@ -191,8 +207,8 @@ def test_uniform_ceiling_and_its_finding() -> None:
         "train_seconds": 10.0,
         "per_seed": {"utilization": [0.6]},
     }
-    paras = U.findings(str(k), {"default": row}, tokens=n)
+    paras = findings(str(k), {"default": row}, tokens=n)
     assert paras[0].startswith("**Ceiling.**") and "92.9%" in paras[0] and "0.65 of" in paras[0]
     assert "set for K=1024" in next(p for p in paras if "issue 6's targets" in p)
     # at K=1024 the split is large enough: no ceiling paragraph
-    assert not any(p.startswith("**Ceiling.**") for p in U.findings("1024", {"default": row}, n))
+    assert not any(p.startswith("**Ceiling.**") for p in findings("1024", {"default": row}, n))

@@ -1,0 +1,334 @@
+"""The study's report: the PNGs and ``docs/utilization_study.md``, written from the JSON alone.
+
+Every sentence of the findings is computed from the summarized figures, so the page can be
+regenerated from ``benchmarks/results/utilization_study.json`` without training anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchmarks.utilization.rows import ROWS
+
+JSON_REL = Path("benchmarks/results/utilization_study.json")
+MD_REL = Path("docs/utilization_study.md")
+IMG_REL = Path("docs/images")
+
+# Issue 6's targets for the default row.
+TARGET_UTILIZATION = 0.99
+TARGET_ENTROPY = 0.95
+TARGET_PSNR_MARGIN = 0.1
+TARGET_TIME_RATIO = 1.1
+
+
+def _ordered(rows: dict) -> list[str]:
+    return sorted(rows, key=lambda n: ROWS[n].number if n in ROWS else 99)
+
+
+def _style(name: str, i: int, cmap: Any) -> dict:
+    # the default stands out in black, the peer dashed; the others take tab10 in row order
+    if name == "default":
+        return {"color": "black", "lw": 2.2}
+    return {"color": cmap(i % 10), "lw": 1.4, "ls": "--" if name == "peer" else "-"}
+
+
+def plot(runs: list[dict], summary: dict, img_dir: Path) -> dict[str, list[Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {}
+    for k, rows in summary.items():
+        names = _ordered(rows)
+        cmap = plt.get_cmap("tab10")
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for i, name in enumerate(names):
+            rs = [r for r in runs if r["row"] == name and str(r["codebook_size"]) == k]
+            steps = [p["step"] for p in rs[0]["curve"]]
+            util = [
+                sum(r["curve"][j]["utilization"] for r in rs) / len(rs) for j in range(len(steps))
+            ]
+            ax.plot(
+                steps,
+                util,
+                marker=".",
+                label=f"{ROWS[name].number} {name}",
+                **_style(name, i, cmap),
+            )
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation-split utilization")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Codebook utilization over training, K={k} (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        curves = img_dir / f"utilization_study_curves_K{k}.png"
+        fig.savefig(curves, dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for i, name in enumerate(names):
+            rs = [r for r in runs if r["row"] == name and str(r["codebook_size"]) == k]
+            sorted_counts = [
+                torch.tensor(r["counts"], dtype=torch.float64).sort(descending=True).values
+                for r in rs
+            ]
+            mean = torch.stack(sorted_counts).mean(0)
+            share = mean / mean.sum().clamp_min(1)
+            rank = torch.arange(1, len(share) + 1)
+            keep = share > 0
+            ax.loglog(
+                rank[keep],
+                share[keep],
+                label=f"{ROWS[name].number} {name}",
+                **_style(name, i, cmap),
+            )
+        ax.axhline(1 / int(k), color="k", lw=0.8, ls="--", label="uniform 1/K")
+        ax.set_xlabel("code rank")
+        ax.set_ylabel("share of validation tokens")
+        ax.set_title(f"Rank-frequency of validation code use, K={k} (seed mean)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        rankf = img_dir / f"utilization_study_rank_frequency_K{k}.png"
+        fig.savefig(rankf, dpi=110)
+        plt.close(fig)
+        written[k] = [curves, rankf]
+    return written
+
+
+def _f(x: float, nd: int = 3) -> str:
+    return f"{x:.{nd}f}"
+
+
+def uniform_ceiling(codebook_size: int, tokens: int) -> float:
+    """Expected fraction of ``codebook_size`` codes hit by ``tokens`` draws from the uniform
+    distribution, 1 - (1 - 1/K)^N: what a perfectly even codebook shows on a split of that size."""
+    return 1.0 - (1.0 - 1.0 / codebook_size) ** tokens
+
+
+def findings(k: str, rows: dict, tokens: int | None = None) -> list[str]:
+    """One paragraph per finding, every statement computed from the numbers. ``tokens``: the
+    validation split's token count (for the uniform-use ceiling)."""
+    out: list[str] = []
+    ceiling = uniform_ceiling(int(k), tokens) if tokens else None
+    if ceiling is not None and ceiling < TARGET_UTILIZATION:
+        best = max(_ordered(rows), key=lambda n: rows[n]["utilization"])
+        out.append(
+            f"**Ceiling.** {tokens} validation tokens cannot hit all {k} codes: drawn from a "
+            f"perfectly even codebook they would hit {100 * ceiling:.1f}% of them on average "
+            f"(1 - (1 - 1/K)^N), so the {TARGET_UTILIZATION:.0%} target is out of reach of every "
+            f"row at this size. The highest, row {ROWS[best].number} `{best}`, reaches "
+            f"{100 * rows[best]['utilization']:.1f}%, {rows[best]['utilization'] / ceiling:.2f} of "
+            "the ceiling."
+        )
+    names = _ordered(rows)
+    collapsed = [n for n in names if rows[n]["utilization"] < 0.25]
+    partial = [n for n in names if 0.25 <= rows[n]["utilization"] < 0.9]
+    full = [n for n in names if rows[n]["utilization"] >= 0.99]
+
+    def lst(ns: list[str]) -> str:
+        return ", ".join(
+            f"{ROWS[n].number} `{n}` ({100 * rows[n]['utilization']:.1f}%)" for n in ns
+        )
+
+    out.append(
+        "**Collapse.** "
+        + (
+            f"Rows using under 25% of the codes: {lst(collapsed)}. "
+            if collapsed
+            else "No row uses under 25% of the codes. "
+        )
+        + (f"Partly used (25-90%): {lst(partial)}. " if partial else "")
+        + (f"At least 99% used: {lst(full)}." if full else "No row reaches 99% utilization.")
+    )
+    best_psnr = max(names, key=lambda n: rows[n]["psnr"])
+    best_util = max(names, key=lambda n: (rows[n]["utilization"], rows[n]["normalized_entropy"]))
+    worst_psnr = min(names, key=lambda n: rows[n]["psnr"])
+    out.append(
+        f"**Reconstruction.** Best validation PSNR: row {ROWS[best_psnr].number} `{best_psnr}` "
+        f"({_f(rows[best_psnr]['psnr'], 2)} dB, SSIM {_f(rows[best_psnr]['ssim'])}); worst: row "
+        f"{ROWS[worst_psnr].number} `{worst_psnr}` ({_f(rows[worst_psnr]['psnr'], 2)} dB). "
+        f"Highest utilization: row {ROWS[best_util].number} `{best_util}` "
+        f"({100 * rows[best_util]['utilization']:.1f}%, normalized entropy "
+        f"{_f(rows[best_util]['normalized_entropy'])})."
+    )
+    if "default" in rows:
+        d = rows["default"]
+        others = [n for n in names if n != "default"]
+        checks = [
+            (
+                f"utilization >= {TARGET_UTILIZATION:.0%}",
+                d["utilization"] >= TARGET_UTILIZATION,
+                f"{100 * d['utilization']:.2f}% ({d['used_codes']:.1f} of {k} codes)",
+            ),
+            (
+                f"normalized entropy >= {TARGET_ENTROPY}",
+                d["normalized_entropy"] >= TARGET_ENTROPY,
+                _f(d["normalized_entropy"]),
+            ),
+        ]
+        if others:
+            bo = max(others, key=lambda n: rows[n]["psnr"])
+            checks.append(
+                (
+                    f"PSNR >= best other row - {TARGET_PSNR_MARGIN} dB",
+                    d["psnr"] >= rows[bo]["psnr"] - TARGET_PSNR_MARGIN,
+                    f"{_f(d['psnr'], 2)} dB vs row {ROWS[bo].number} `{bo}` "
+                    f"{_f(rows[bo]['psnr'], 2)} dB",
+                )
+            )
+        if "peer" in rows:
+            p = rows["peer"]
+            ratio = d["train_seconds"] / p["train_seconds"]
+            checks += [
+                (
+                    "utilization above the peer (row 10)",
+                    d["utilization"] > p["utilization"],
+                    f"{100 * d['utilization']:.2f}% vs {100 * p['utilization']:.2f}%",
+                ),
+                (
+                    "PSNR above the peer",
+                    d["psnr"] > p["psnr"],
+                    f"{_f(d['psnr'], 2)} vs {_f(p['psnr'], 2)} dB",
+                ),
+                (
+                    f"training time <= {TARGET_TIME_RATIO}x the peer's",
+                    ratio <= TARGET_TIME_RATIO,
+                    f"{d['train_seconds']:.0f} s vs {p['train_seconds']:.0f} s ({ratio:.2f}x)",
+                ),
+            ]
+        met = sum(ok for _, ok, _ in checks)
+        scope = "" if int(k) == 1024 else ", set for K=1024 and shown here for reference"
+        out.append(
+            f"**The default against issue 6's targets ({met} of {len(checks)} met{scope}).** "
+            + "; ".join(f"{name}: {'met' if ok else 'MISSED'} ({val})" for name, ok, val in checks)
+            + "."
+        )
+    if "seed002" in rows:
+        s = rows["seed002"]
+        hope = (
+            "inside"
+            if 0.3 <= s["utilization"] <= 0.5
+            else ("above" if s["utilization"] > 0.5 else "below")
+        )
+        out.append(
+            f"**Seed 002's recipe** uses {100 * s['utilization']:.1f}% of the codes "
+            f"(normalized entropy {_f(s['normalized_entropy'])}, PSNR {_f(s['psnr'], 2)} dB): "
+            f"{hope} the 30-50% the seed hoped for."
+        )
+    if "plain" in rows:
+        base = rows["plain"]["train_seconds"]
+        costs = ", ".join(
+            f"{ROWS[n].number} `{n}` {rows[n]['train_seconds'] / base:.2f}x"
+            for n in names
+            if n != "plain"
+        )
+        out.append(
+            f"**Training time** relative to row 1 (plain, {base:.0f} s): {costs}. "
+            "Times are the sum of training-step times, validation excluded."
+        )
+    spread = max(
+        names,
+        key=lambda n: (
+            max(rows[n]["per_seed"]["utilization"]) - min(rows[n]["per_seed"]["utilization"])
+        ),
+    )
+    su = rows[spread]["per_seed"]["utilization"]
+    if len(su) > 1:
+        out.append(
+            f"**Seeds.** The largest seed-to-seed spread in utilization is row "
+            f"{ROWS[spread].number} `{spread}`: "
+            + " / ".join(f"{100 * u:.1f}%" for u in su)
+            + "; per-seed figures are in the JSON."
+        )
+    return out
+
+
+def markdown(result: dict, images: dict[str, list[Path]], md_path: Path) -> str:
+    s = result["settings"]
+    lines = [
+        "# Codebook utilization study",
+        "",
+        "Generated by `benchmarks/utilization_study.py` (issue 6) from "
+        f"`{JSON_REL}`; do not edit by hand.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine'].get('processor')}, {result['machine'].get('cpu_cores')} "
+        f"cores, torch {result['machine'].get('torch')}, {s['threads']} threads.",
+        "",
+        "Setup: the quickstart model (`configs/quickstart.yaml`) on the bundled Fluent Emoji 3D "
+        f"set, {s['image_size']} px, batch {s['batch_size']}, the same split, batches, AdamW + "
+        "warm-up/cosine schedule and seeds for every row; step budget "
+        + ", ".join(f"{v} steps at K={k}" for k, v in s["steps"].items())
+        + f"; seeds {s['seeds']}. Schedules of the maintenance strategies (and the LR warm-up) "
+        f"are the quickstart's scaled by {s['schedule_scale']}"
+        + (" (the YAML's own numbers)" if s["schedule_scale"] == 1.0 else "")
+        + f". Validation: {s['val_images']} held-out images "
+        f"({s['val_images'] * s['tokens_per_image']} tokens), indices counted by "
+        "`vqkit.CodeUsage` for every row (the peer included); the curves are the "
+        f"validation-split utilization every {s['curve_every']} steps. Training time is the sum "
+        "of the training-step times (data loading and validation excluded); it compares rows only "
+        "when nothing else ran on the machine, so the CPU time of the same steps (all threads) "
+        "is reported beside it.",
+        "",
+    ]
+    for k, rows in result["summary"].items():
+        names = _ordered(rows)
+        lines += [
+            f"## K = {k}",
+            "",
+            f"{s['steps'][k]} training steps per run; the validation split holds "
+            f"{s['val_images'] * s['tokens_per_image'] / int(k):.1f} tokens per code.",
+            "",
+            "| # | row | utilization | used | perplexity | norm. entropy | dead | L1 | PSNR (dB) "
+            "| SSIM | train time (s) | train CPU (s) |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n in names:
+            r = rows[n]
+            lines.append(
+                f"| {ROWS[n].number} | {ROWS[n].title} (`{n}`) | {100 * r['utilization']:.1f}% | "
+                f"{r['used_codes']:.1f} | {r['perplexity']:.1f} | {_f(r['normalized_entropy'])} | "
+                f"{r['dead_codes']:.1f} | {_f(r['l1'], 4)} | {_f(r['psnr'], 2)} | "
+                f"{_f(r['ssim'])} | "
+                f"{r['train_seconds']:.0f} | {r['train_cpu_seconds']:.0f} |"
+            )
+        lines += [
+            "",
+            "Means over seeds. Per seed (utilization / PSNR / train time):",
+            "",
+            "| row | " + " | ".join(f"seed {sd}" for sd in rows[names[0]]["seeds"]) + " |",
+            "|---|" + "---:|" * len(rows[names[0]]["seeds"]),
+        ]
+        for n in names:
+            ps = rows[n]["per_seed"]
+            cells = [
+                f"{100 * u:.1f}% / {p:.2f} / {t:.0f} s"
+                for u, p, t in zip(ps["utilization"], ps["psnr"], ps["train_seconds"], strict=True)
+            ]
+            lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+        lines += ["", "### Findings", ""]
+        for para in findings(k, rows, s["val_images"] * s["tokens_per_image"]):
+            lines += [para, ""]
+        for img in images.get(k, []):
+            rel = img.relative_to(md_path.parent) if img.is_relative_to(md_path.parent) else img
+            lines += [f"![{img.stem}]({rel.as_posix()})", ""]
+    lines += ["## Rows", ""]
+    lines += [f"{ROWS[n].number}. `{n}`: {ROWS[n].recipe}." for n in ROWS]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out: Path) -> Path:
+    """Write the PNGs under ``out / IMG_REL`` and the markdown at ``out / MD_REL`` from a result
+    that holds its ``summary``; return the markdown's path."""
+    images = plot(result["runs"], result["summary"], out / IMG_REL)
+    md_path = out / MD_REL
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(result, images, md_path))
+    return md_path

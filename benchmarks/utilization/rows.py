@@ -1,0 +1,263 @@
+"""The study's rows: what each of the 11 rows trains, read from or scaled like the quickstart.
+
+Every row is a ``Row`` whose ``build`` turns a ``Ctx`` (dimension, codebook size, schedule scale,
+steps per epoch, the quickstart config) into a quantizer; ``build_model`` puts it inside the
+quickstart model with encoder/decoder weights that depend on the seed only.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from benchmarks.common import REPO_ROOT
+from benchmarks.utilization.peer import PeerQuantizer
+from torch import nn
+
+from vqkit.models import ResNetVQModel
+from vqkit.quantize import (
+    DeadCodeRestart,
+    EMAUpdate,
+    EntropyPenalty,
+    KMeansInit,
+    KMeansReestimate,
+    LowUsageReset,
+    VectorQuantizer,
+)
+
+CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+# --------------------------------------------------------------------------------- quickstart
+def load_quickstart(path: Path = CONFIG) -> dict[str, Any]:
+    """Everything the study takes from the quickstart YAML, so no figure can drift from it."""
+    cfg = yaml.safe_load(path.read_text())
+    model_args = dict(cfg["model"]["model"]["init_args"])
+    quantizer = model_args.pop("quantizer")
+
+    from vqkit.training import VQTokenizerModule
+
+    sig = inspect.signature(VQTokenizerModule.__init__).parameters
+    module = {k: cfg["model"].get(k, sig[k].default) for k in ("lr", "betas", "weight_decay")}
+    module.update(
+        {k: cfg["model"].get(k, sig[k].default) for k in ("warmup_steps", "warmup_start_lr")}
+    )
+    module["min_lr"] = cfg["model"].get("min_lr", sig["min_lr"].default)
+    qargs = quantizer["init_args"]
+    # The last step at which any of the default's schedules acts: budgets below it scale them.
+    reach = [module["warmup_steps"]]
+    for m in qargs.get("maintenance", []):
+        a = m.get("init_args", {})
+        reach += [a.get("warmup_steps", 0), a.get("until", 0)]
+    return {
+        "model": model_args,
+        "quantizer": quantizer,
+        "module": module,
+        "batch_size": cfg["data"]["batch_size"],
+        "image_size": cfg["data"]["image_size"],
+        "gradient_clip_val": cfg["trainer"].get("gradient_clip_val"),
+        "schedule_reach": max(reach),
+    }
+
+
+def schedule_scale(steps: int, reach: int) -> float:
+    """1 (the YAML's own schedules) for budgets of at least half the default's reach (its last
+    scheduled step, 1000); shorter budgets (``--quick``) scale every step count of the
+    schedules and the LR warm-up by ``steps / reach`` so that they still fire."""
+    return 1.0 if steps >= reach / 2 else steps / reach
+
+
+def scale_steps(n: int, scale: float, floor: int = 1) -> int:
+    """A schedule's step count ``n`` times ``scale``, at least ``floor``; 0 (never) stays 0."""
+    return max(floor, round(n * scale)) if n else n
+
+
+def _scaled_quantizer_config(qcfg: dict, codebook_size: int, scale: float) -> dict:
+    """The YAML's quantizer with another codebook size and its step counts times ``scale``."""
+    q = copy.deepcopy(qcfg)
+    q["init_args"]["codebook_size"] = codebook_size
+    if scale != 1.0:
+        for m in q["init_args"].get("maintenance", []):
+            a = m.setdefault("init_args", {})
+            for key in ("warmup_steps", "every", "until"):
+                if key in a:
+                    a[key] = scale_steps(a[key], scale, floor=0 if key == "warmup_steps" else 1)
+    return q
+
+
+def build_from_config(qcfg: dict) -> VectorQuantizer:
+    """Instantiate a ``class_path`` / ``init_args`` quantizer config with the CLI's parser."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--quantizer", type=VectorQuantizer)
+    cfg = parser.parse_object({"quantizer": qcfg})
+    return parser.instantiate_classes(cfg).quantizer
+
+
+# --------------------------------------------------------------------------------- the rows
+@dataclass(frozen=True)
+class Ctx:
+    dim: int
+    codebook_size: int
+    scale: float  # step counts of every schedule are multiplied by it (budgets < reach)
+    epoch_steps: int  # optimizer steps per pass over the training split
+    quickstart: dict
+
+
+def _vq(ctx: Ctx, **kw: Any) -> VectorQuantizer:
+    return VectorQuantizer(ctx.dim, ctx.codebook_size, channel_first=True, **kw)
+
+
+def _default_schedule(ctx: Ctx) -> dict[str, dict]:
+    """The quickstart default's strategies (scaled like it), by class name."""
+    q = _scaled_quantizer_config(ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale)
+    return {
+        m["class_path"].rsplit(".", 1)[-1]: dict(m.get("init_args", {}))
+        for m in q["init_args"].get("maintenance", [])
+    }
+
+
+def _init(ctx: Ctx) -> KMeansInit:
+    return KMeansInit(**_default_schedule(ctx)["KMeansInit"])
+
+
+def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
+    args = dict(_default_schedule(ctx)["KMeansReestimate"])
+    args["mode"] = mode
+    return KMeansReestimate(**args)
+
+
+def _taming(ctx: Ctx, **kw: Any) -> VectorQuantizer:
+    # taming's VectorQuantizer2: U(-1/K, 1/K) codes, beta 0.25 on the commitment term.
+    return _vq(ctx, codebook_init="uniform", commitment_weight=0.25, **kw)
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int
+    title: str
+    build: Callable[[Ctx], nn.Module]
+    recipe: str
+
+
+ROWS: dict[str, Row] = {
+    "plain": Row(
+        1,
+        "plain VQ (gradient)",
+        lambda c: _taming(c),
+        "taming VectorQuantizer2: gradient codebook, U(-1/K,1/K) init, beta 0.25, no maintenance",
+    ),
+    "ema": Row(
+        2,
+        "EMA 0.99",
+        lambda c: _vq(c, ema=EMAUpdate(decay=0.99)),
+        "EMAUpdate(decay=0.99), N(0,1) init",
+    ),
+    "ema_restart": Row(
+        3,
+        "EMA + dead-code restart",
+        lambda c: _vq(c, ema=EMAUpdate(decay=0.99), maintenance=[DeadCodeRestart(threshold=2.0)]),
+        "EMAUpdate(0.99) + DeadCodeRestart(threshold=2, source='batch'): codes whose EMA "
+        "count < 2 restart at this batch's encoder outputs (vector-quantize-pytorch / encodec)",
+    ),
+    "kmeans_init": Row(
+        4,
+        "EMA + k-means init",
+        lambda c: _vq(c, ema=EMAUpdate(decay=0.99), maintenance=[_init(c)]),
+        "EMAUpdate(0.99) + KMeansInit after the default's warm-up (pass-through while the "
+        "reservoir fills)",
+    ),
+    "vqfr_full": Row(
+        5,
+        "VQFR full re-estimation",
+        lambda c: _vq(c, ema=EMAUpdate(decay=0.99), maintenance=[_init(c), _reestimate(c, "full")]),
+        "EMAUpdate(0.99) + KMeansInit(warm-up) + KMeansReestimate(mode='full'): VQFR's "
+        "periodic whole-codebook k-means from a 16,384-vector reservoir, on the default's "
+        "schedule (row 6 differs only in the mode)",
+    ),
+    "vqkit_dead": Row(
+        6,
+        "vqkit dead-mode re-estimation",
+        lambda c: _vq(c, ema=EMAUpdate(decay=0.99), maintenance=[_init(c), _reestimate(c, "dead")]),
+        "EMAUpdate(0.99) + KMeansInit(warm-up) + KMeansReestimate(mode='dead'): only codes "
+        "unused since the last re-estimation are re-placed, live codes frozen",
+    ),
+    "cosine8": Row(
+        7,
+        "cosine, codebook_dim 8",
+        lambda c: _taming(c, distance="cosine", codebook_dim=8),
+        "LlamaGen: gradient codebook, L2-normalized codes and inputs (distance='cosine'), "
+        "codebook_dim=8 with linear projections in/out, beta 0.25",
+    ),
+    "entropy": Row(
+        8,
+        "entropy penalty",
+        lambda c: _taming(c, regularizers=[EntropyPenalty(weight=0.1, temperature=1.0)]),
+        "row 1 + EntropyPenalty(weight=0.1, temperature=1.0) (per-token entropy minus "
+        "batch-average entropy)",
+    ),
+    "seed002": Row(
+        9,
+        "seed 002 recipe",
+        lambda c: _vq(
+            c,
+            codebook_init="uniform",
+            ema=EMAUpdate(decay=0.7),
+            sample_temperature=2.5,
+            regularizers=[EntropyPenalty(weight=2.0)],
+            maintenance=[LowUsageReset(fraction=0.3, every=c.epoch_steps)],
+        ),
+        "EMA decay 0.7 -> EMAUpdate(decay=0.7); temperature 2.5 -> sample_temperature=2.5 "
+        "(training assignments sampled from softmax(-d/2.5), eval nearest); entropy weight "
+        "2.0 -> EntropyPenalty(weight=2.0); 30% low-usage reset every epoch -> "
+        "LowUsageReset(fraction=0.3, every=<steps per epoch>) (the library's: the 30% "
+        "least-used codes since the last reset restart at batch vectors); "
+        "codebook_init 'uniform' as the seed's config. Not taken: its codebook size 64 and "
+        "commitment beta 10 (the study holds K and the losses fixed)",
+    ),
+    "peer": Row(
+        10,
+        "vector-quantize-pytorch",
+        lambda c: PeerQuantizer(
+            c.dim, c.codebook_size, kmeans_init=True, threshold_ema_dead_code=2
+        ),
+        "vector_quantize_pytorch.VectorQuantize(dim, codebook_size, kmeans_init=True, "
+        "threshold_ema_dead_code=2), its defaults otherwise (decay 0.8, commitment 1.0, "
+        "rotation trick), through the PeerQuantizer adapter",
+    ),
+    "default": Row(
+        11,
+        "vqkit default (quickstart)",
+        lambda c: build_from_config(
+            _scaled_quantizer_config(c.quickstart["quantizer"], c.codebook_size, c.scale)
+        ),
+        "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser",
+    ),
+}
+
+
+def build_quantizer(name: str, ctx: Ctx) -> nn.Module:
+    if name not in ROWS:
+        raise ValueError(f"unknown row {name!r}; rows are {list(ROWS)}")
+    return ROWS[name].build(ctx)
+
+
+def build_model(quantizer: nn.Module, quickstart: dict, seed: int) -> ResNetVQModel:
+    """The quickstart model around ``quantizer``; encoder/decoder weights depend on ``seed``
+    only, whatever the quantizer consumed of the random stream."""
+    shape = quickstart["model"]
+    holder = quantizer
+    if not isinstance(quantizer, VectorQuantizer):
+        holder = VectorQuantizer(quantizer.dim, 2, channel_first=True)
+    torch.manual_seed(seed)
+    model = ResNetVQModel(holder, **shape)
+    if holder is not quantizer:
+        model.quantizer = quantizer
+    return model
