@@ -441,7 +441,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     md = markdown_table(results, title) + "".join(f"\n_{n}_\n" for n in notes)
     atomic_write_text(out / "metrics.md", md)
     print(md, end="")
-    print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    print(f"wrote {out / 'metrics.json'}")
+    print(f"wrote {out / 'metrics.md'}")
     return 0
 
 
@@ -502,6 +503,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .data.images import load_image
+    from .evaluation.metrics import psnr
     from .evaluation.sampling import (
         code_distribution,
         decode_codes,
@@ -510,7 +512,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         perturb_codes,
         sample_codes,
     )
-    from .evaluation.visual import image_grid, image_rows, save_png
+    from .evaluation.visual import labelled_grid, sample_grid, save_png
     from .fileio import atomic_save_npy
 
     if args.num < 0:
@@ -541,7 +543,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         else:
             codes = sample_codes(probs, args.num, grid, seed=args.seed)
         images = decode_codes(model, codes)
-        written.append(save_png(image_grid(image_rows(images)), out / "samples.png"))
+        title = f"samples, codes drawn from {'the prior' if prior is not None else args.source}"
+        written.append(save_png(sample_grid(images, title), out / "samples.png"))
         atomic_save_npy(out / "samples_codes.npy", codes.numpy().astype(np.int32))
         written.append(out / "samples_codes.npy")
     if args.images:
@@ -550,20 +553,24 @@ def _run_sample(args: argparse.Namespace) -> int:
         codes = model.encode(x).cpu()
         perturbed, _ = perturb_codes(codes, args.perturb, probs, seed=args.seed)
         rows = [x, decode_codes(model, codes), decode_codes(model, perturbed)]
+        labels = ["original", "reconstruction", f"{args.perturb:.0%} redrawn"]
         arrays = {"codes": codes, "perturbed": perturbed}
         what = ["originals", "reconstructions", f"{args.perturb:.0%} of the codes redrawn"]
         if len(args.images) > 1:
             mixed = mix_codes(codes, codes.roll(-1, dims=0), half_mask(grid, "right"))
             rows.append(decode_codes(model, mixed))
+            labels.append("halves swapped")
             arrays["mixed"] = mixed
             what.append("left half own codes + right half the next image's")
         if prior is not None:
             top = codes.flatten(1)[:, : (grid[0] // 2) * grid[1]]
             completed = from_prior(len(codes), prefix=top.to(device))
             rows.append(decode_codes(model, completed))
+            labels.append("prompt (top) + completion")
             arrays["completed"] = completed
             what.append("top half own codes, bottom half completed by the prior")
-        written.append(save_png(image_grid(rows), out / "edits.png"))
+        title = f"edits, reconstruction PSNR {float(psnr(rows[1], x)):.1f} dB"
+        written.append(save_png(labelled_grid(rows, labels, title), out / "edits.png"))
         np.savez(
             out / "edits_codes.npz", **{k: v.numpy().astype(np.int32) for k, v in arrays.items()}
         )
@@ -961,9 +968,13 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
 
     from .training.callbacks import SaveOnSigterm
     from .training.checkpoint import AtomicCheckpointIO, find_last_checkpoint
+    from .training.console import quiet_worker_hint
 
     global _CONFIGURED
     _CONFIGURED = True  # every class is built: errors from here on are not config errors
+
+    if _data_in_memory(cli.datamodule):
+        quiet_worker_hint()  # loader workers would only copy tensors already in memory
 
     if cli.subcommand == "fit" and not any(
         isinstance(cb, SaveOnSigterm) for cb in cli.trainer.callbacks
@@ -1000,6 +1011,16 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
         _say(f"{prog} {cli.subcommand}: {what} {found}")
         cfg["ckpt_path"] = str(found)
         _check_resume(cli, prog, found)
+
+
+def _data_in_memory(datamodule) -> bool:  # noqa: ANN001
+    """Whether the data module serves tensors held in memory: the prior's code grids, or images
+    decoded once (``cache_images``)."""
+    from .prior.data import TokenDataModule
+
+    return isinstance(datamodule, TokenDataModule) or bool(
+        getattr(datamodule, "cache_images", False)
+    )
 
 
 class RunFolderError(OSError):
@@ -1111,12 +1132,15 @@ def build_prior_cli(argv: Sequence[str], *, run: bool = True):  # noqa: ANN201
     from lightning.pytorch.cli import LightningCLI
 
     from .prior import PriorModule, TokenDataModule
+    from .prior.callbacks import PriorSummary
     from .training import ConsoleLog
 
     class PriorCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
             parser.link_arguments("model.tokenizer", "data.tokenizer")
+            # Always on, as for `vqkit fit`: the run's log, and the summary table and files
             parser.add_lightning_class_args(ConsoleLog, "console")
+            parser.add_lightning_class_args(PriorSummary, "summary")
 
         def _before_run(self) -> None:
             _before_run(self, "vqkit prior")
@@ -1143,7 +1167,9 @@ COMMANDS = """usage: vqkit [--verbosity LEVEL] COMMAND ...
 Train and inspect discrete image tokenizers (VQ-VAE, VQ-GAN).
 
 --verbosity LEVEL (anywhere on the line, or $VQKIT_LOG_LEVEL): DEBUG, INFO (default), WARNING or
-ERROR; what vqkit logs goes to stderr and, for fit, to vqkit.log in the run folder.
+ERROR; what vqkit logs goes to stderr and, for fit, to vqkit.log in the run folder. DEBUG also
+shows what vqkit drops from its dependencies' output (Lightning's tips and device lines, known
+harmless warnings) and Python's deprecation warnings.
 
 commands:
   fit --config CONFIG   train a tokenizer (LightningCLI: vqkit fit --help); also validate,
@@ -1181,12 +1207,14 @@ def _pop_verbosity(argv: list[str]) -> str | None:
 
 
 def _setup_logging(argv: list[str], from_command_line: bool) -> None:
-    """``--verbosity`` (or $VQKIT_LOG_LEVEL) sets what vqkit logs to stderr. The level goes into
-    the environment and the option out of ``sys.argv``: a DDP launcher re-runs ``sys.argv`` in
-    each process, and LightningCLI would reject the unknown key."""
+    """``--verbosity`` (or $VQKIT_LOG_LEVEL) sets what vqkit logs to stderr, and whether the
+    lines dependencies print that no user acts on are dropped (they are at every level but
+    DEBUG). The level goes into the environment and the option out of ``sys.argv``: a DDP
+    launcher re-runs ``sys.argv`` in each process, and LightningCLI would reject the unknown
+    key."""
     import os
 
-    from .training.console import LEVEL_ENV, quiet_lightning, resolve_level, setup_logging
+    from .training.console import LEVEL_ENV, quiet_dependencies, resolve_level, setup_logging
 
     level = _pop_verbosity(argv)
     if from_command_line:
@@ -1195,7 +1223,7 @@ def _setup_logging(argv: list[str], from_command_line: bool) -> None:
     if level is not None:
         os.environ[LEVEL_ENV] = level
     setup_logging(level)
-    quiet_lightning()
+    quiet_dependencies(level)  # the command's own: importing vqkit changes no filter
 
 
 # What the commands import beyond vqkit's core (torch, numpy, einops, safetensors).

@@ -112,6 +112,18 @@ def _lpips_per_image(net: nn.Module, pred: Tensor, target: Tensor) -> Tensor:
     raise ValueError(f"LPIPS returned {v.numel()} values for {pred.shape[0]} images")
 
 
+def _images_to_evaluate(loader: Iterable, tracker: ShardTracker, cap: int | None) -> int | None:
+    """The images this process evaluates (the progress bar's total), None if the loader cannot
+    tell: its sampler's length, less ``DistributedSampler``'s padding, at most ``cap``."""
+    try:
+        n = len(loader.sampler)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+    if tracker.sharded:  # process r evaluates positions r, r + world, ... below the dataset size
+        n = len(range(tracker.rank, tracker.total, tracker.world))
+    return n if cap is None else min(n, cap)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -135,6 +147,7 @@ def evaluate(
         fid_cache_dir, use_fid_cache: where the originals' Inception statistics are cached
             (default ``~/.cache/vqkit/fid-stats``), keyed by the data fingerprint.
         max_images: stop after this many images (over all processes).
+        progress: a rich bar counting images on stderr (the first process, on a terminal).
 
     Returns a flat dict: ``images`` (how many were evaluated), ``psnr``, ``ssim``, ``lpips``,
     ``rfid`` and, for "usage", the ``USAGE_KEYS`` figures of the codes these images use.
@@ -164,36 +177,35 @@ def evaluate(
     images = 0
     local_cap = None if max_images is None else math.ceil(max_images / D.world_size())
 
-    tracker = ShardTracker(dataloader)
-    batches = dataloader
-    if progress:
-        from tqdm.auto import tqdm
+    from ..tokens import _progress  # the bar of `vqkit encode` / `decode`: rich, on stderr
 
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None
-        batches = tqdm(dataloader, total=total, desc="evaluate", unit="batch")
-    for batch in batches:
-        x = batch_images(batch)
-        x = x[tracker.keep(x.shape[0])]
-        if local_cap is not None:
-            x = x[: local_cap - images]
-        if x.shape[0] == 0:
-            continue
-        x = x.to(device, non_blocking=True).float()
-        indices = model.encode(x)
-        rec = model.decode_indices(indices).float().clamp(-1.0, 1.0)
-        images += x.shape[0]
-        if "psnr" in metrics:
-            sums["psnr"] += psnr_per_image(rec, x).double().sum()
-        if "ssim" in metrics:
-            sums["ssim"] += ssim_per_image(rec, x).double().sum()
-        if "lpips" in metrics:
-            sums["lpips"] += _lpips_per_image(lpips, rec, x).double().sum()
-        if "usage" in metrics:
-            counts += torch.bincount(indices.flatten(), minlength=counts.numel()).double()
-        if fid is not None:
-            fid.update(x if fid.needs_originals else None, rec)
-        if local_cap is not None and images >= local_cap:
-            break
+    tracker = ShardTracker(dataloader)
+    total = _images_to_evaluate(dataloader, tracker, local_cap)
+    with _progress(total, "evaluating", progress) as advance:
+        for batch in dataloader:
+            x = batch_images(batch)
+            x = x[tracker.keep(x.shape[0])]
+            if local_cap is not None:
+                x = x[: local_cap - images]
+            if x.shape[0] == 0:
+                continue
+            x = x.to(device, non_blocking=True).float()
+            indices = model.encode(x)
+            rec = model.decode_indices(indices).float().clamp(-1.0, 1.0)
+            images += x.shape[0]
+            if "psnr" in metrics:
+                sums["psnr"] += psnr_per_image(rec, x).double().sum()
+            if "ssim" in metrics:
+                sums["ssim"] += ssim_per_image(rec, x).double().sum()
+            if "lpips" in metrics:
+                sums["lpips"] += _lpips_per_image(lpips, rec, x).double().sum()
+            if "usage" in metrics:
+                counts += torch.bincount(indices.flatten(), minlength=counts.numel()).double()
+            if fid is not None:
+                fid.update(x if fid.needs_originals else None, rec)
+            advance(x.shape[0])
+            if local_cap is not None and images >= local_cap:
+                break
 
     n = int(D.all_reduce_sum_(torch.tensor([images], dtype=torch.float64, device=device)).item())
     if n == 0:

@@ -141,22 +141,9 @@ class TrainingSummary(L.Callback):
 
     @staticmethod
     def print_table(summary: dict) -> None:
-        from rich.console import Console
-        from rich.table import Table
+        from .console import print_summary  # the table `vqkit prior fit` prints too
 
-        table = Table(title="vqkit fit summary")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in summary.items():
-            if k in ("files", "machine"):
-                continue
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-        console = Console()
-        console.print(table)
-        if "machine" in summary:
-            console.print(f"machine: {summary['machine']}")
-        for k, v in summary.get("files", {}).items():
-            console.print(f"{k}: {v}")
+        print_summary(summary, "vqkit fit summary")
 
 
 class EvaluationCallback(L.Callback):

@@ -6,12 +6,17 @@ The library only logs (``logging.getLogger("vqkit...")``); :func:`setup_logging`
 ``vqkit fit`` carries: the maintenance schedule at the start, each k-means and a summary of the
 dead-code restarts as they happen, a codebook health line at each validation, the same events as
 TensorBoard scalars and text, and the skipped image files listed in ``skipped_files.txt``.
+:func:`quiet_dependencies` drops the lines dependencies print that no user acts on, and
+:func:`print_summary` prints a run's summary table; only the command calls either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -126,20 +131,94 @@ def setup_logging(level: str | int | None = None) -> RunLogFile:
     return file
 
 
-class _NoTips(logging.Filter):
+# ---------------------------------------------------------------- what dependencies print
+# Lines Lightning prints on every run that a vqkit user cannot act on, or that vqkit already
+# handles. The `vqkit` command drops them (`quiet_dependencies`); `--verbosity debug` keeps
+# them all. Importing vqkit changes no filter.
+NOISY_WARNINGS = (
+    # Lightning's own code calling an API torch deprecated: nothing a user can change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Lightning logs every log_every_n_steps optimizer steps across epochs: a short epoch (a
+    # small folder) loses no log point
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # frozen loss networks (LPIPS, Inception features) stay in eval mode on purpose
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
+# Lightning's info lines: its cloud-service tips and the accelerator lines. "GPU available but
+# not used" is a warning of its own and stays.
+NOISY_LINES = re.compile(r"(💡 )?Tip: |(GPU|TPU|HPU) available: |LOCAL_RANK: \d+ - ")
+NOISY_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+)
+# Lightning's "The 'train_dataloader' does not have many workers" hint: dropped only where the
+# data is already in memory (`quiet_worker_hint`); on a folder decoded as it is read it matters
+WORKER_HINT = r"The '\w+' does not have many workers"
+
+
+class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
+        return NOISY_LINES.match(record.getMessage()) is None
 
 
-def quiet_lightning() -> None:
-    """Drop what every run printed and no user acts on: Lightning's cloud-logging tip and its
-    own ``_pytree`` deprecation warning."""
-    import warnings
+def verbose(level: str | int | None = None) -> bool:
+    """Whether ``level`` (default: ``$VQKIT_LOG_LEVEL``) is DEBUG or finer: show everything."""
+    return resolve_level(level) <= logging.DEBUG
 
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoTips) for f in lightning_log.filters):
-        lightning_log.addFilter(_NoTips())
+
+def quiet_dependencies(level: str | int | None = None) -> None:
+    """Drop :data:`NOISY_WARNINGS` and Lightning's :data:`NOISY_LINES` in this process. At DEBUG
+    (``--verbosity debug``), show everything instead: no filter of vqkit's, and, unless the user
+    set warning options of their own (``-W``, ``$PYTHONWARNINGS``), the deprecation warnings
+    Python hides by default. The `vqkit` command calls this, the library never does."""
+    loud = verbose(level)
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _DropNoise)]:
+            logger.removeFilter(f)
+        if not loud:
+            logger.addFilter(_DropNoise())
+    if loud:
+        if not sys.warnoptions:
+            warnings.simplefilter("default")  # ahead of every ignore, vqkit's included
+        return
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_worker_hint(level: str | int | None = None) -> None:
+    """Drop Lightning's hint to raise ``num_workers`` (unless ``level`` is DEBUG): for data held
+    in memory (the prior's code grids, ``cache_images``), workers would only copy it."""
+    if not verbose(level):
+        warnings.filterwarnings("ignore", message=WORKER_HINT)
+
+
+def print_summary(summary: dict, title: str) -> None:
+    """A run's summary (``summary.json``) as a rich table on stdout, then the machine and the
+    files written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        if k in ("files", "machine"):
+            continue
+        if isinstance(v, float):
+            text = f"{v:.4f}"
+        elif isinstance(v, (list, tuple)):
+            text = "x".join(map(str, v))
+        else:
+            text = str(v)
+        table.add_row(k, text)
+    console = Console()
+    console.print(table)
+    if "machine" in summary:
+        console.print(f"machine: {summary['machine']}")
+    for k, v in summary.get("files", {}).items():
+        console.print(f"{k}: {v}")
 
 
 def run_log_file() -> RunLogFile | None:
