@@ -4,7 +4,6 @@ speed, ``summary.json`` and a grid of samples in the run folder."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import atomic_write_text
-from ..training.callbacks import machine, run_dir
+from ..training.callbacks import TrainTimer, machine, run_dir
 
 # what PriorModule logs -> the summary's key
 SUMMARY_KEYS = {
@@ -34,7 +33,7 @@ def draw_samples(images: Tensor, path: Path, bits_per_code: float | None = None)
     return save_png(sample_grid(images, title), path)
 
 
-class PriorSummary(L.Callback):
+class PriorSummary(TrainTimer):
     """At the end of ``fit``: print the last validation's negative log-likelihood (nats per
     code), bits per code, perplexity and the unigram reference (the bits per code of a prior
     that ignores context), with the training speed; write them in ``summary.json`` with the
@@ -57,19 +56,12 @@ class PriorSummary(L.Callback):
         self.filename = filename
         self.num_samples = num_samples
         self.seed = seed
-        self._train_seconds = 0.0
-        self._codes = 0
-        self._t0: float | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if self._t0 is not None:
-            self._train_seconds += time.perf_counter() - self._t0
-            codes = batch[0] if isinstance(batch, (list, tuple)) else batch
-            self._codes += codes.numel() * trainer.world_size
-            self._t0 = None
+    @staticmethod
+    def count(batch) -> int:  # noqa: ANN001
+        """Codes in one process's training batch of grids."""
+        codes = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return int(codes.numel())
 
     def summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         m = trainer.callback_metrics
@@ -80,9 +72,9 @@ class PriorSummary(L.Callback):
             codebook_size=transformer.codebook_size,
             token_grid=list(transformer.grid),
             steps=trainer.global_step,
-            train_codes=self._codes,
+            train_codes=self._items,
             train_seconds=round(seconds, 3),
-            tokens_per_second=self._codes / seconds if seconds else 0.0,
+            tokens_per_second=self._items / seconds if seconds else 0.0,
             machine=machine(),
         )
         return out

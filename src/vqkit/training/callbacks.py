@@ -71,17 +71,21 @@ def _reconstructions_title(summary: dict) -> str:
     return ", ".join(parts)
 
 
-class TrainingSummary(L.Callback):
-    """At the end of ``fit``: print a table of the last validation's figures and training speed,
-    and write ``summary.json``, ``reconstructions.png`` and ``code_usage.png`` in the run folder.
-    Images/s counts training steps only (validation excluded), over all processes."""
+class TrainTimer(L.Callback):
+    """Seconds spent in training steps (validation excluded) and the items they processed over
+    all processes (``count(batch)``: images by default), for the end-of-fit summaries."""
 
-    def __init__(self, filename: str = "summary.json") -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.filename = filename
         self._train_seconds = 0.0
-        self._images = 0
+        self._items = 0
         self._t0: float | None = None
+
+    @staticmethod
+    def count(batch) -> int:  # noqa: ANN001
+        """Items in one process's training batch."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return int(first.shape[0])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         self._t0 = time.perf_counter()
@@ -89,8 +93,18 @@ class TrainingSummary(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if self._t0 is not None:
             self._train_seconds += time.perf_counter() - self._t0
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            self._images += images.shape[0] * trainer.world_size
+            self._items += self.count(batch) * trainer.world_size
+            self._t0 = None
+
+
+class TrainingSummary(TrainTimer):
+    """At the end of ``fit``: print a table of the last validation's figures and training speed,
+    and write ``summary.json``, ``reconstructions.png`` and ``code_usage.png`` in the run folder.
+    Images/s counts training steps only (validation excluded), over all processes."""
+
+    def __init__(self, filename: str = "summary.json") -> None:
+        super().__init__()
+        self.filename = filename
 
     def summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         m = trainer.callback_metrics
@@ -99,9 +113,9 @@ class TrainingSummary(L.Callback):
         out.update(
             codebook_size=q.codebook_size,
             steps=trainer.global_step,
-            train_images=self._images,
+            train_images=self._items,
             train_seconds=round(self._train_seconds, 3),
-            images_per_second=self._images / self._train_seconds if self._train_seconds else 0.0,
+            images_per_second=self._items / self._train_seconds if self._train_seconds else 0.0,
             machine=machine(),
         )
         dm = getattr(trainer, "datamodule", None)
