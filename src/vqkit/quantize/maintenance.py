@@ -269,16 +269,16 @@ class KMeansReestimate(Maintenance):
     does. ``mode="dead"`` keeps every code used at least ``min_usage`` times since the last
     re-estimation and re-places only the others: new centers are seeded by k-means++ among the
     reservoir vectors the live codes serve worst, then refined by Lloyd steps in which the live
-    codes stay frozen. Runs at steps ``every, 2*every, ...`` below ``until``; the reservoir
-    fills on every training step below ``until``. A scheduled step with no quantized step
-    since quantization began (or since the last re-estimation) is skipped: during a
-    ``KMeansInit`` warm-up and on its init step every code would look dead.
+    codes stay frozen. Runs at steps ``every, 2*every, ...`` below ``until`` (``None``: to the
+    end of the run); the reservoir fills on every training step below ``until``. A scheduled
+    step with no quantized step since quantization began (or since the last re-estimation) is
+    skipped: during a ``KMeansInit`` warm-up and on its init step every code would look dead.
     """
 
     def __init__(
         self,
         every: int = 2000,
-        until: int = 30000,
+        until: int | None = 30000,
         reservoir_size: int = 16384,
         *,
         mode: str = "full",
@@ -292,7 +292,8 @@ class KMeansReestimate(Maintenance):
     ) -> None:
         super().__init__()
         _check_positive("every", every)
-        _check_positive("until", until)
+        if until is not None:
+            _check_positive("until", until)
         _check_positive("reservoir_size", reservoir_size)
         _check_positive("iters", iters)
         if mode not in ("full", "dead"):
@@ -300,7 +301,7 @@ class KMeansReestimate(Maintenance):
         if min_usage < 1:
             raise ValueError(f"min_usage must be >= 1, got {min_usage}")
         self.every = every
-        self.until = until
+        self.until = until  # None: for the whole run
         self.reservoir_size = reservoir_size
         self.mode = mode
         self.min_usage = min_usage
@@ -324,7 +325,7 @@ class KMeansReestimate(Maintenance):
 
     def before_quantize(self, quantizer: CodebookOwner, z: Tensor) -> bool:
         step = quantizer.current_step
-        if step >= self.until:
+        if step >= self._end:
             return False
         _feed(quantizer, self.reservoir, z)
         if step > 0 and step % self.every == 0:
@@ -342,7 +343,7 @@ class KMeansReestimate(Maintenance):
     def after_assign(
         self, quantizer: CodebookOwner, z: Tensor, indices: Tensor, counts: Tensor
     ) -> None:
-        if quantizer.current_step < self.until:
+        if quantizer.current_step < self._end:
             self.counted_steps.add_(1)
             if self.mode == "dead":
                 self.counts_since.add_(counts.long())
@@ -423,14 +424,21 @@ class KMeansReestimate(Maintenance):
             f"mode={self.mode!r}, min_usage={self.min_usage}"
         )
 
+    @property
+    def _end(self) -> int:
+        """The first step with no re-estimation (``until``, or never)."""
+        return self.until if self.until is not None else 2**62
+
     def describe(self, quantizer: CodebookOwner) -> str:
         what = (
             "the whole codebook replaced by"
             if self.mode == "full"
             else f"codes used < {self.min_usage} times since the last one re-placed by"
         )
-        fires = range(self.every, self.until, self.every)
-        if len(fires) == 0:
+        fires = range(self.every, self._end, self.every)
+        if self.until is None:
+            steps = f"steps {self.every}, {2 * self.every}, ... (to the end of the run)"
+        elif len(fires) == 0:
             steps = "no step (until <= every)"
         elif len(fires) <= 3:
             steps = "step " if len(fires) == 1 else "steps "
