@@ -33,6 +33,8 @@ from typing import IO, Any
 
 import torch
 
+from .fileio import fsync_dir
+
 log = logging.getLogger("vqkit.download")
 
 OFFLINE_ENV = "VQKIT_OFFLINE"
@@ -213,22 +215,8 @@ def download_file(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable; skipped where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fetch_weights(

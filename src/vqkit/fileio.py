@@ -30,17 +30,23 @@ def _atomic_write(path: str | Path, write: Any) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: fsync the folder itself; skipped where folders
+    cannot be opened (Windows), where the rename is done anyway."""
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (Windows): the rename is done anyway
-        return path
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
-    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
