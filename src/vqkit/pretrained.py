@@ -346,6 +346,7 @@ class PretrainedMixin:
             **self.pretrained_facts(**facts),
         }
         json.dumps(config)  # anything not JSON-able fails before a file is written
+        self._save_parts(folder)
         _save_weights(
             folder,
             self.pretrained_state_dict(),
@@ -354,11 +355,10 @@ class PretrainedMixin:
         atomic_write_text(folder / CONFIG_NAME, _json(config))
         text = card if card is not None else model_card(config, summary, command=command)
         atomic_write_text(folder / CARD_NAME, text)
-        self._after_save(folder, config)
         return folder
 
-    def _after_save(self, folder: Path, config: dict) -> None:
-        """A subclass's extra files (a prior's tokenizer)."""
+    def _save_parts(self, folder: Path) -> None:
+        """A subclass's extra files (a prior's tokenizer), written before this folder's own."""
 
     @classmethod
     def from_pretrained(

@@ -138,6 +138,16 @@ def _lpips_package_weights() -> Path | None:
     return None
 
 
+def _explicit_path(path: str | os.PathLike | None, arg: str, env: str) -> tuple[Path, str] | None:
+    """(the file, where it was named) when the caller named one: ``path`` (the argument
+    ``arg``), else the environment variable ``env``; None means the default places."""
+    if path is not None:
+        return Path(path).expanduser(), arg
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser(), f"${env}"
+    return None
+
+
 def vgg16_weights_path(path: str | os.PathLike | None = None) -> Path:
     """Where the VGG16 weights are read from: ``path``, else ``$VQKIT_VGG16``, else
     ``torch.hub.get_dir()/checkpoints/vgg16-397923af.pth``, downloaded there from
@@ -145,9 +155,9 @@ def vgg16_weights_path(path: str | os.PathLike | None = None) -> Path:
     name = url_filename(VGG16_URL)
     hub_path = hub_checkpoint_path(name)
     what = f"LPIPS needs the VGG16 ImageNet weights in torchvision format ({name}, 528 MiB)"
-    if path is not None or os.environ.get(VGG16_ENV):
-        source = "vgg_path" if path is not None else f"${VGG16_ENV}"
-        candidate = Path(path if path is not None else os.environ[VGG16_ENV]).expanduser()
+    explicit = _explicit_path(path, "vgg_path", VGG16_ENV)
+    if explicit is not None:
+        candidate, source = explicit
         if not candidate.is_file():
             raise WeightsNotFoundError(
                 f"{what}; no file at {candidate} (from {source}). Fix that path, or drop it to "
@@ -171,9 +181,9 @@ def lpips_lin_weights_path(path: str | os.PathLike | None = None) -> Path:
     """Where the LPIPS linear-layer weights are read from: ``path``, else ``$VQKIT_LPIPS_LIN``,
     else the installed ``lpips`` package's ``weights/v0.1/vgg.pth``, else the torch hub cache,
     downloaded there from :data:`LPIPS_LIN_URL` if absent. Raises WeightsNotFoundError."""
-    if path is not None or os.environ.get(LPIPS_LIN_ENV):
-        source = "lin_path" if path is not None else f"${LPIPS_LIN_ENV}"
-        candidate = Path(path if path is not None else os.environ[LPIPS_LIN_ENV]).expanduser()
+    explicit = _explicit_path(path, "lin_path", LPIPS_LIN_ENV)
+    if explicit is not None:
+        candidate, source = explicit
         if not candidate.is_file():
             raise WeightsNotFoundError(
                 f"LPIPS linear-layer weights ({LPIPS_LIN_FILE} of the lpips package): no file at "

@@ -12,21 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from ..configurable import ConfigError, build, to_config
-from ..fileio import atomic_write_text
 from ..models.vqmodel import VQModel
 from ..pretrained import (
-    CARD_NAME,
     CONFIG_NAME,
-    FORMAT_VERSION,
     TOKENIZER_FOLDER,
     WEIGHTS_NAME,
     PretrainedError,
     PretrainedMixin,
-    _json,
-    _save_weights,
-    _version,
     load_weights,
-    model_card,
     read_config,
     read_weights,
     resolve_folder,
@@ -85,37 +78,26 @@ class PretrainedPrior(PretrainedMixin, nn.Module):
         return codes, self.tokenizer.decode_indices(codes).clamp(-1, 1)
 
     # ------------------------------------------------------------------------- pretrained
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        summary: dict | None = None,
-        card: str | None = None,
-        command: str | None = None,
-        **facts: Any,
-    ) -> Path:
-        """``config.json`` + ``model.safetensors`` of the transformer, ``README.md``, and the
-        tokenizer's own folder in ``tokenizer/``."""
-        folder = Path(save_directory).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder / TOKENIZER_FOLDER, image_size=self.image_size)
-        config = {
-            "vqkit": {"format": FORMAT_VERSION, "version": _version(), "kind": "prior"},
-            "model": to_config(self.transformer, "transformer"),
+    def pretrained_config(self) -> dict:
+        return to_config(self.transformer, "transformer")
+
+    def pretrained_state_dict(self) -> dict[str, Tensor]:
+        return self.transformer.state_dict()
+
+    def pretrained_facts(self, **facts: Any) -> dict:
+        """The grid, codebook size, and the tokenizer in ``tokenizer/`` with its sha256."""
+        out = {
             "image_size": self.image_size,
             "token_grid": list(self.transformer.grid),
             "codebook_size": self.transformer.codebook_size,
             "tokenizer": TOKENIZER_FOLDER,
             "tokenizer_sha256": tokenizer_digest(self.tokenizer),
-            **{k: v for k, v in facts.items() if v is not None},
         }
-        _save_weights(
-            folder, self.transformer.state_dict(), {"format": "pt", "vqkit_kind": "prior"}
-        )
-        atomic_write_text(folder / CONFIG_NAME, _json(config))
-        text = card if card is not None else model_card(config, summary, command=command)
-        atomic_write_text(folder / CARD_NAME, text)
-        return folder
+        out.update({k: v for k, v in facts.items() if v is not None})
+        return out
+
+    def _save_parts(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder / TOKENIZER_FOLDER, image_size=self.image_size)
 
     @classmethod
     def from_pretrained(
