@@ -13,6 +13,7 @@ validation; this bar removes the replaced task and those.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning as L
@@ -55,15 +56,22 @@ class StepProgressBar(RichProgressBar):
         new = (self.val_sanity_progress_bar_id, self.val_progress_bar_id)
         if self.progress is None:
             return
-        for before, after in zip(old, new, strict=True):
-            # the parent hid the previous validation's task and added a new one: drop the old
-            if before is not None and before != after and before in self.progress.task_ids:
-                self.progress.remove_task(before)
-                # rich's columns cache a renderable per task id and never forget one
-                for column in self.progress.columns:
-                    cache = getattr(column, "_renderable_cache", None)
-                    if isinstance(cache, dict):
-                        cache.pop(before, None)
+        live = getattr(self.progress, "live", None)
+        # rich's refresh thread renders the columns under the live display's lock: holding it,
+        # no render of a task being removed can put its cache entry back after the sweep
+        lock = getattr(live, "_lock", None) or contextlib.nullcontext()
+        with lock:
+            for before, after in zip(old, new, strict=True):
+                # the parent hid the previous validation's task and added a new one: drop the old
+                if before is not None and before != after and before in self.progress.task_ids:
+                    self.progress.remove_task(before)
+            # rich's columns cache a renderable per task id and never forget one
+            alive = set(self.progress.task_ids)
+            for column in self.progress.columns:
+                cache = getattr(column, "_renderable_cache", None)
+                if isinstance(cache, dict):
+                    for task_id in [k for k in cache if k not in alive]:
+                        del cache[task_id]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
