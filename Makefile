@@ -28,7 +28,7 @@ $(STAMP): $(LOCKS) pyproject.toml Makefile
 # Python 3.11 on x86-64 Linux, whoever runs it.
 lock: $(STAMP)
 	$(UV) pip compile -q pyproject.toml requirements/dev.in \
-		--extra train --extra bench --extra dev --extra eval --extra hub --extra docs \
+		--extra train --extra bench --extra dev --extra eval --extra hub --extra docs --extra sparse3d \
 		--override requirements/overrides.txt --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 $(UV_LINKS) \
 		--custom-compile-command "make lock" -o $(LOCK)
