@@ -2,7 +2,7 @@
 
     vqkit fit|validate|test --config configs/quickstart.yaml [--key value ...]   (fit.py)
     vqkit prior fit --config configs/prior/quickstart.yaml                     (fit.py)
-    vqkit data fetch fluent-emoji-3d [--cache-dir DIR] [--tarball FILE]        (data.py)
+    vqkit data fetch fluent-emoji-3d|meshes [--cache-dir DIR] [--tarball FILE] (data.py)
     vqkit analyze --ckpt PATH --output-dir DIR [--data DIR] [--plot] ...       (analyze.py)
     vqkit evaluate --ckpt PATH --output-dir DIR [--metrics psnr,ssim,rfid] ... (evaluate.py)
     vqkit sample --ckpt PATH --output-dir DIR [--prior PRIOR] ...              (sample.py)

@@ -161,9 +161,10 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
 def _data_in_memory(datamodule) -> bool:  # noqa: ANN001
     """Whether the data module serves tensors held in memory: the prior's code grids, or images
     decoded once (``cache_images``)."""
+    from ..data.sparse3d import ShapeDataModule
     from ..prior.data import TokenDataModule
 
-    return isinstance(datamodule, TokenDataModule) or bool(
+    return isinstance(datamodule, (TokenDataModule, ShapeDataModule)) or bool(
         getattr(datamodule, "cache_images", False)
     )
 
@@ -192,13 +193,46 @@ def _check_resume(cli, prog: str, path) -> None:  # noqa: ANN001
         raise CheckpointError(f"--ckpt_path: {e}") from e
 
 
+def _data_class_given(argv: Sequence[str]) -> bool:
+    """Whether the command line or a ``--config`` file names the data module's class
+    (``data: {class_path: ...}``, ``--data.class_path``, ``--data Class``). Without one the
+    data module is ``ImageDataModule`` and ``data:`` holds its arguments directly."""
+    from pathlib import Path
+
+    import yaml
+
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg in ("--data", "--data.class_path") or arg.startswith(
+            ("--data=", "--data.class_path=")
+        ):
+            return True
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            cfg = yaml.safe_load(Path(path).expanduser().read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports an unreadable config
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if isinstance(data, dict) and "class_path" in data:
+            return True
+    return False
+
+
 def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
     """The LightningCLI over ``VQTokenizerModule`` (or a subclass) and ``ImageDataModule``
     (tests use ``run=False`` to parse and instantiate a config without training).
 
     ``model:`` is the module's arguments, which train a VQ-VAE; a config that gives
     ``model: {class_path: vqkit.training.VQGANModule, init_args: {...}}`` trains a VQ-GAN.
+    ``data:`` is ``ImageDataModule``'s arguments, unless it names a class of its own
+    (``data: {class_path: vqkit.data.ShapeDataModule, ...}`` for the sparse 3D example).
     """
+    import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     from ..data.datamodule import ImageDataModule
@@ -230,9 +264,10 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
 
         before_fit = before_validate = before_test = before_predict = _before_run
 
+    named = _data_class_given(sys.argv[1:] if argv is None else argv)
     return VQKitCLI(
         VQTokenizerModule,
-        ImageDataModule,
+        L.LightningDataModule if named else ImageDataModule,
         args=None if argv is None else list(argv),
         run=run,
         save_config_kwargs={"overwrite": True},
@@ -242,6 +277,7 @@ def build_cli(argv: Sequence[str] | None, *, run: bool = True):  # noqa: ANN201
         # Any VQTokenizerModule subclass by class_path; without one, the plain VQ-VAE module
         # (so `model: {model: ..., lr: ...}` configs and `--model.lr` keys keep working).
         subclass_mode_model=True,
+        subclass_mode_data=named,
     )
 
 

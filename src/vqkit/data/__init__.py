@@ -31,6 +31,10 @@ def __getattr__(name: str):  # PEP 562: keep `import vqkit.data` free of Lightni
         from .datamodule import ImageDataModule
 
         return ImageDataModule
+    if name == "ShapeDataModule":
+        from .sparse3d import ShapeDataModule
+
+        return ShapeDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -51,6 +55,7 @@ __all__ = [
     "group_key",
     "load_image",
     "scan_images",
+    "ShapeDataModule",
     "split_by_group",
     "to_rgb",
 ]

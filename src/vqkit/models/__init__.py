@@ -4,6 +4,7 @@
 from .autoencoder import Decoder, Encoder
 from .blocks import AttnBlock, Downsample, ResBlock, Upsample, norm
 from .discriminator import PatchDiscriminator
+from .sparse3d import SparseSDFVQVAE, SubmanifoldConv3d
 from .vqmodel import ResNetVQModel, VQModel, VQModelOutput
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "PatchDiscriminator",
     "ResBlock",
     "ResNetVQModel",
+    "SparseSDFVQVAE",
+    "SubmanifoldConv3d",
     "Upsample",
     "VQModel",
     "VQModelOutput",

@@ -12,6 +12,7 @@ from .console import ConsoleLog, setup_logging
 from .module import VQTokenizerModule
 from .progress import StepProgressBar
 from .schedules import warmup_cosine
+from .sparse3d import SparseSDFModule
 from .vqgan import VQGANModule
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "load_tokenizer",
     "read_checkpoint",
     "SaveOnSigterm",
+    "SparseSDFModule",
     "setup_logging",
     "StepProgressBar",
     "TrainingSummary",

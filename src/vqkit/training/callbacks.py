@@ -23,6 +23,13 @@ SUMMARY_KEYS = {
     "val/perplexity": "perplexity",
     "val/normalized_entropy": "normalized_entropy",
     "val/dead_codes": "dead_codes",
+    # the sparse SDF example (vqkit.training.sparse3d)
+    "val/sdf_l1": "sdf_l1",
+    "val/iou": "iou",
+    "val/chamfer": "chamfer",
+    "val/shape_used_codes": "shape_used_codes",
+    "val/shape_perplexity": "shape_perplexity",
+    "val/shape_used_per_token": "shape_used_per_token",
 }
 
 
@@ -83,7 +90,9 @@ class TrainTimer(L.Callback):
 
     @staticmethod
     def count(batch) -> int:  # noqa: ANN001
-        """Items in one process's training batch."""
+        """Items in one process's training batch (images, or the shapes of a dict batch)."""
+        if isinstance(batch, dict):
+            return int(batch["batch_size"])
         first = batch[0] if isinstance(batch, (list, tuple)) else batch
         return int(first.shape[0])
 
@@ -110,12 +119,17 @@ class TrainingSummary(TrainTimer):
         m = trainer.callback_metrics
         out: dict = {k: float(m[src]) for src, k in SUMMARY_KEYS.items() if src in m}
         q = pl_module.quantizer
+        unit = getattr(pl_module, "summary_unit", "images")
         out.update(
             codebook_size=q.codebook_size,
             steps=trainer.global_step,
-            train_images=self._items,
-            train_seconds=round(self._train_seconds, 3),
-            images_per_second=self._items / self._train_seconds if self._train_seconds else 0.0,
+            **{
+                f"train_{unit}": self._items,
+                "train_seconds": round(self._train_seconds, 3),
+                f"{unit}_per_second": (
+                    self._items / self._train_seconds if self._train_seconds else 0.0
+                ),
+            },
             machine=machine(),
         )
         dm = getattr(trainer, "datamodule", None)
@@ -137,7 +151,9 @@ class TrainingSummary(TrainTimer):
         folder.mkdir(parents=True, exist_ok=True)
         files = {"summary": folder / self.filename}
         batch = getattr(pl_module, "_val_batch", None)
-        if batch is not None:
+        if hasattr(pl_module, "fit_report"):  # a module with pictures of its own (3D shapes)
+            files.update(pl_module.fit_report(trainer, folder, summary))
+        elif batch is not None:
             grid = labelled_grid(
                 [batch[0], batch[1]],
                 ["original", "reconstruction"],

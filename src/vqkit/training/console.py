@@ -206,6 +206,17 @@ def print_summary(summary: dict, title: str) -> None:
     for k, v in summary.items():
         if k in ("files", "machine"):
             continue
+        if isinstance(v, dict):  # e.g. the held-out meshes: one row per entry
+            for name, figures in v.items():
+                if isinstance(figures, dict):
+                    text = ", ".join(
+                        f"{f} {x:.4g}" if isinstance(x, float) else f"{f} {x}"
+                        for f, x in figures.items()
+                    )
+                else:
+                    text = str(figures)
+                table.add_row(f"{k}: {name}", text)
+            continue
         if isinstance(v, float):
             text = f"{v:.4f}"
         elif isinstance(v, (list, tuple)):
