@@ -264,3 +264,26 @@ def test_init_and_reestimation_share_one_reservoir():
     )
     fresh.load_state_dict(old)
     assert torch.equal(fresh.maintenance[0].reservoir.contents(), init.reservoir.contents())
+
+
+def test_kmeans_init_starts_the_usage_average_a_restart_reads():
+    """With more codes than a batch has tokens, the first batch after k-means init leaves most
+    codes unhit; the usage average must start from k-means' predicted counts, or a dead-code
+    restart throws the fresh centers away at once (it did: 9,794 of 8,192 codes in two steps of
+    the sparse 3D quickstart)."""
+    from vqkit import DeadCodeRestart, EMAUpdate, KMeansInit, VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(
+        8,
+        512,
+        ema=EMAUpdate(),
+        maintenance=[KMeansInit(warmup_steps=1, reservoir_size=4096), DeadCodeRestart(0.05)],
+    )
+    vq.train()
+    vq(torch.randn(4096, 8))  # warm-up step: fills the reservoir
+    vq(torch.randn(256, 8))  # k-means init, then the first quantized batch: 256 tokens
+    events = vq.pop_events()
+    assert [e.status for e in events if e.strategy == "k-means init"] == ["done"]
+    restarted = sum(e.codes_replaced for e in events if e.strategy == "dead-code restart")
+    assert restarted <= 512 * 0.05, restarted

@@ -176,3 +176,9 @@ class CodeUsage(nn.Module):
         restarts cannot keep it from ever reaching its length."""
         self.ema_counts[mask] = ema_counts[mask].to(self.ema_counts.dtype)
         self.window_counts[mask] = 0
+        if bool(mask.all()):
+            # A whole new codebook (k-means init) comes with the usage k-means predicts: the
+            # average starts there, not at the next batch's counts, which for a codebook larger
+            # than a batch (8,192 codes, 5,800 tokens) are 0 for half the codes, every one of
+            # which a dead-code restart would then throw away at once.
+            self.ema_started.fill_(True)
