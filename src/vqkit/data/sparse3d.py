@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..quantize import distributed as D
 from .sampler import ResumableLoader
+from .shapes import VAL_START
 
 log = logging.getLogger("vqkit.data")
-
-VAL_START = 1_000_000  # first seed of the validation shapes
 
 
 def cube_symmetry(seed: int) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
