@@ -287,3 +287,30 @@ def test_kmeans_init_starts_the_usage_average_a_restart_reads():
     assert [e.status for e in events if e.strategy == "k-means init"] == ["done"]
     restarted = sum(e.codes_replaced for e in events if e.strategy == "dead-code restart")
     assert restarted <= 512 * 0.05, restarted
+
+
+def test_dead_code_restart_relative_threshold_follows_the_uniform_rate():
+    """relative=True reads the threshold as a share of tokens per step / K. With 512 codes and
+    256 tokens a step (0.5 per code), an absolute threshold of 1 reads every code as dead; a
+    quarter of the uniform rate restarts only the codes k-means gave (almost) no data."""
+    from vqkit import DeadCodeRestart, EMAUpdate, KMeansInit, VectorQuantizer
+
+    def restarts(restart: DeadCodeRestart) -> int:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(
+            8, 512, ema=EMAUpdate(), maintenance=[KMeansInit(16, reservoir_size=4096), restart]
+        )
+        vq.train()
+        for _ in range(16 + 5):  # 16 warm-up steps fill the reservoir, then 5 quantized ones
+            vq(torch.randn(256, 8))
+        events = vq.pop_events()
+        return sum(e.codes_replaced for e in events if e.strategy == "dead-code restart")
+
+    relative, absolute = (
+        restarts(DeadCodeRestart(0.25, relative=True)),
+        restarts(DeadCodeRestart(1)),
+    )
+    assert absolute >= 512  # every code restarted at least once
+    assert relative < 0.15 * 512, relative
+    vq = VectorQuantizer(8, 512, maintenance=[DeadCodeRestart(0.25, relative=True)])
+    assert "0.25 x the uniform rate (tokens per step / 512)" in " ".join(vq.describe_schedule())

@@ -192,8 +192,10 @@ class SparseVectorQuantizer(Configurable, nn.Module):
             original behaviour); ``"dead"`` re-places only codes unused since the last one.
         kmeans_until: last step of re-estimation; None re-estimates for the whole run.
         dead_code_threshold: restart at an encoder output any code whose EMA usage falls below
-            this many tokens per step (``DeadCodeRestart``), so codes that die between two
-            re-estimations (or without any) come back within a step; 0 turns it off.
+            this share of the uniform rate, tokens per step / ``num_embeddings``
+            (``DeadCodeRestart(relative=True)``; 0.25: a quarter as often as a uniform
+            codebook's), so codes that die between two re-estimations (or without any) come
+            back within a step; 0 turns it off.
     """
 
     def __init__(
@@ -210,7 +212,7 @@ class SparseVectorQuantizer(Configurable, nn.Module):
         kmeans_init: bool = True,
         kmeans_mode: str = "full",
         kmeans_until: int | None = None,
-        dead_code_threshold: float = 1.0,
+        dead_code_threshold: float = 0.25,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -257,7 +259,7 @@ class SparseVectorQuantizer(Configurable, nn.Module):
                 )
             )
         if dead_code_threshold > 0:
-            maintenance.append(DeadCodeRestart(threshold=dead_code_threshold))
+            maintenance.append(DeadCodeRestart(threshold=dead_code_threshold, relative=True))
         self.quantizer = VectorQuantizer(
             embedding_dim,
             num_embeddings,

@@ -457,7 +457,12 @@ class DeadCodeRestart(Maintenance):
     The EMA count is ``quantizer.usage.ema_counts``: an average of per-batch global counts. Dead
     codes restart at randomly drawn encoder outputs, from this batch (rank 0's, broadcast) or
     from a replicated reservoir. A restarted code's EMA count is set to the number of this
-    batch's tokens it now captures, floored at ``threshold``, so it is not re-killed at once.
+    batch's tokens it now captures, floored at the threshold, so it is not re-killed at once.
+
+    ``relative=True`` reads ``threshold`` as a share of the uniform rate, tokens per step / K
+    (0.25: a code used a quarter as often as a uniform codebook's), so one value fits any
+    codebook and batch size; with more codes than tokens per step an absolute threshold of 1
+    or 2 would read every code as dead.
     """
 
     def __init__(
@@ -466,6 +471,7 @@ class DeadCodeRestart(Maintenance):
         source: str = "batch",
         *,
         every: int = 1,
+        relative: bool = False,
         reservoir_size: int = 16384,
         seed: int = 0,
         reservoir_dtype: str = "float32",
@@ -481,6 +487,7 @@ class DeadCodeRestart(Maintenance):
         self.threshold = threshold
         self.source = source
         self.every = every
+        self.relative = relative
         self.reservoir_size = reservoir_size
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
@@ -509,7 +516,10 @@ class DeadCodeRestart(Maintenance):
         step = quantizer.current_step
         if step % self.every:
             return
-        dead = quantizer.usage.ema_counts < self.threshold
+        threshold = self.threshold
+        if self.relative:  # counts are this step's, over every process
+            threshold *= float(counts.sum()) / quantizer.codebook_size
+        dead = quantizer.usage.ema_counts < threshold
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
@@ -529,10 +539,10 @@ class DeadCodeRestart(Maintenance):
         usage = quantizer.usage.ema_counts[dead]
         mean, top = float(usage.mean()), float(usage.max())
         detail = (
-            f"EMA usage {mean:.3g} on average, at most {top:.4g}, below {self.threshold:g}; "
+            f"EMA usage {mean:.3g} on average, at most {top:.4g}, below {threshold:.3g}; "
             f"restarted at {self.source} vectors"
         )
-        n = quantizer.replace_codes(dead, new, counts_new.clamp_min(self.threshold))
+        n = quantizer.replace_codes(dead, new, counts_new.clamp_min(threshold))
         # every step may restart a few: one DEBUG line each; the training console sums them up
         event = MaintenanceEvent(
             step, "dead-code restart", "done", 0, n, detail=detail, usage_mean=mean, usage_max=top
@@ -550,15 +560,21 @@ class DeadCodeRestart(Maintenance):
         return D.all_reduce_sum_(counts)
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold}, source={self.source!r}, every={self.every}"
+        rel = ", relative=True" if self.relative else ""
+        return f"threshold={self.threshold}{rel}, source={self.source!r}, every={self.every}"
 
     def describe(self, quantizer: CodebookOwner) -> str:
         when = "every step" if self.every == 1 else f"every {self.every} steps"
         pool = (
             "the batch" if self.source == "batch" else f"a {self.reservoir_size}-vector reservoir"
         )
+        below = (
+            f"{self.threshold:g} x the uniform rate (tokens per step / {quantizer.codebook_size})"
+            if self.relative
+            else f"{self.threshold:g}"
+        )
         return (
-            f"dead-code restart {when}: codes whose EMA usage falls below {self.threshold:g} "
+            f"dead-code restart {when}: codes whose EMA usage falls below {below} "
             f"restart at random encoder outputs from {pool}"
         )
 
