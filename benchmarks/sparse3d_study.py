@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,12 @@ import torch
 
 try:
     from benchmarks.common import REPO_ROOT, machine_info, update_benchmarks_md, write_json
-except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import REPO_ROOT, machine_info, update_benchmarks_md, write_json
+except ImportError:  # run as a script from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import REPO_ROOT, machine_info, update_benchmarks_md, write_json
+
+from benchmarks.sparse3d.vqfr import VQFRQuantizer
+from benchmarks.utilization.report import uniform_ceiling
 
 CONFIG = REPO_ROOT / "configs" / "sparse3d" / "quickstart.yaml"
 ROWS = ("none", "seed-001 (scikit-learn)", "seed-001 config on vqkit", "vqkit default")
@@ -58,11 +61,6 @@ def _load_config() -> dict[str, Any]:
     return yaml.safe_load(CONFIG.read_text())
 
 
-def uniform_ceiling(codebook_size: int, tokens: int) -> float:
-    """Expected share of K codes hit at least once by N uniform draws."""
-    return 1.0 - math.exp(tokens * math.log1p(-1.0 / codebook_size))
-
-
 def build_quantizer(
     row: str, cfg: dict, *, codebook_size: int, interval: int, scale: float = 1.0
 ) -> torch.nn.Module:
@@ -70,11 +68,6 @@ def build_quantizer(
     default's schedule (steps) to a budget other than the config's."""
     from vqkit.configurable import build
     from vqkit.integrations.sparse import SparseVectorQuantizer
-
-    try:
-        from benchmarks.sparse3d.vqfr import VQFRQuantizer
-    except ImportError:
-        from sparse3d.vqfr import VQFRQuantizer
 
     qcfg = cfg["model"]["init_args"]["model"]["init_args"]["quantizer"]
     dim = qcfg["init_args"]["dim"]

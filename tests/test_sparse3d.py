@@ -226,3 +226,19 @@ def test_vqkit_fit_trains_the_sparse_sdf_example(tmp_path, monkeypatch, capsys):
         assert im.height > 3 * 128  # title + 3 rows (2 validation shapes, 1 held out)
     assert list(root.rglob("last.ckpt"))
     assert "held_out: stand-in mesh" in capsys.readouterr().out
+
+
+def test_bad_settings_of_the_data_and_training_modules_name_the_problem():
+    from vqkit.data.sparse3d import ShapeDataModule
+    from vqkit.training.sparse3d import SparseSDFModule
+
+    with pytest.raises(ValueError, match=r"unknown held-out meshes \['dragon'\]"):
+        ShapeDataModule(held_out=["dragon"])
+    with pytest.raises(ValueError, match=r"resolution \(30\) must be a multiple of patch \(4\)"):
+        ShapeDataModule(resolution=30)
+    with pytest.raises(ValueError, match="train_shapes must be >= 1"):
+        ShapeDataModule(train_shapes=0)
+    with pytest.raises(ValueError, match=r"resolution \(64\) must be the model's patch x grid"):
+        SparseSDFModule(_model(), resolution=64)  # the model's grid is 6 patches of 2
+    with pytest.raises(ValueError, match="chamfer_shapes and picture_shapes must be >= 0"):
+        SparseSDFModule(_model(), resolution=12, chamfer_shapes=-1)

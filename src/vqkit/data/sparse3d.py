@@ -111,14 +111,6 @@ def collate_shapes(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def batch_size_of(batch: Any) -> int:
-    """Samples in a batch of shapes (or images)."""
-    if isinstance(batch, dict):
-        return int(batch["batch_size"])
-    first = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return int(first.shape[0])
-
-
 class ShapeDataModule(L.LightningDataModule):
     """Procedural training and validation shapes, and real held-out meshes.
 

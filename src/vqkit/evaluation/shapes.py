@@ -316,11 +316,28 @@ def mesh_comparison_picture(
     columns: tuple[str, str] = ("original", "reconstruction"),
     notes: list[str] | None = None,
 ) -> Path:
-    """Write a PNG that sets each shape beside its reconstruction: one row per
+    """Write :func:`mesh_comparison_image` as a PNG, whole or not at all; returns the path."""
+    image = mesh_comparison_image(rows, title=title, tile=tile, columns=columns, notes=notes)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def mesh_comparison_image(
+    rows: list[tuple[str, Mesh, Mesh]],
+    *,
+    title: str,
+    tile: int = 192,
+    columns: tuple[str, str] = ("original", "reconstruction"),
+    notes: list[str] | None = None,
+) -> np.ndarray:
+    """A picture (H, W, 3) uint8 that sets each shape beside its reconstruction: one row per
     ``(name, mesh, reconstruction)`` labelled on the left with its name and, in smaller
     letters under it, ``notes[i]`` (e.g. "Chamfer 0.012, IoU 0.93"); two columns of
     ``render_mesh`` pictures of ``tile`` pixels a side, headed by ``columns``; ``title`` on
-    top. Written whole or not at all; returns the path."""
+    top."""
     if not rows:
         raise ValueError("mesh_comparison_picture needs at least one row")
     if notes is not None and len(notes) != len(rows):
@@ -381,6 +398,4 @@ def mesh_comparison_picture(
             image.paste(Image.fromarray(render_mesh(*mesh, size=tile)), (x, y))
             # a faint frame: the renderings' white background would melt into the page
             draw.rectangle((x, y, x + tile - 1, y + tile - 1), outline=(215, 215, 215))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return np.asarray(image.convert("RGB")).copy()

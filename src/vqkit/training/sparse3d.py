@@ -56,6 +56,13 @@ def dense_grids(batch: dict[str, Any], values: Tensor, resolution: int, patch: i
     return grids
 
 
+def patch_figures(values: Tensor, rec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean |rec - values| over the patches' voxels, and the intersection and union counts of
+    their occupied voxels (SDF < 0)."""
+    occ_a, occ_b = values < 0, rec < 0
+    return (rec - values).abs().mean(), (occ_a & occ_b).sum(), (occ_a | occ_b).sum()
+
+
 def shape_figures(original: np.ndarray, reconstructed: np.ndarray, seed: int = 0) -> dict:
     """Chamfer distance between the two grids' meshes and the dense occupancy IoU."""
     from ..evaluation.shapes import chamfer_distance, occupancy_iou, surface_mesh
@@ -120,7 +127,7 @@ class SparseSDFModule(VQTokenizerModule):
             max_bad_steps=max_bad_steps,
         )
         self._sums: dict[str, Tensor] = {}
-        self._val_shapes: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self._val_shapes: list[tuple[str, dict]] = []  # (name, shape_figures) to picture
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
@@ -165,17 +172,15 @@ class SparseSDFModule(VQTokenizerModule):
         values, coords, bs = batch["values"], batch["coords"], int(batch["batch_size"])
         out = self.model(values, coords, bs)
         rec = out.reconstructions
-        n = values.numel()
-        l1 = (rec - values).abs().mean()
-        self.log("val/sdf_l1", l1, prog_bar=True, sync_dist=True, batch_size=n)
+        l1, inter, union = patch_figures(values, rec)
+        self.log("val/sdf_l1", l1, prog_bar=True, sync_dist=True, batch_size=values.numel())
         self.log("val/vq_loss", out.vq_loss, sync_dist=True, batch_size=bs)
         per = out.per_sample
         for name in ("used_codes", "perplexity", "used_per_token"):
             v = getattr(per, name).float().mean()
             self.log(f"val/shape_{name}", v, sync_dist=True, batch_size=bs)
-        occ_a, occ_b = values < 0, rec < 0
-        self._sums["inter"] += (occ_a & occ_b).sum()
-        self._sums["union"] += (occ_a | occ_b).sum()
+        self._sums["inter"] += inter
+        self._sums["union"] += union
         self._meshes_of(batch, rec)
 
     def _meshes_of(self, batch: dict[str, Any], rec: Tensor) -> None:
@@ -192,12 +197,12 @@ class SparseSDFModule(VQTokenizerModule):
         recs = dense_grids(batch, rec, res, patch)
         for b in want:
             i = index[b]
+            fig = shape_figures(originals[b], recs[b])  # meshes and figures, made once
             if i < self.hparams.chamfer_shapes:
-                fig = shape_figures(originals[b], recs[b])
                 self._sums["chamfer"] += fig["chamfer"]
                 self._sums["chamfer_n"] += 1
             if i < self.hparams.picture_shapes:
-                self._val_shapes.append((f"validation shape {i}", originals[b], recs[b]))
+                self._val_shapes.append((f"validation shape {i}", fig))
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -218,19 +223,12 @@ class SparseSDFModule(VQTokenizerModule):
         exp = getattr(self.logger, "experiment", None)
         if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
             return
-        from ..evaluation.shapes import mesh_comparison_picture, surface_mesh
+        from ..evaluation.shapes import mesh_comparison_image
 
-        rows = [(name, surface_mesh(a), surface_mesh(b)) for name, a, b in self._val_shapes]
-        path = Path(self.trainer.default_root_dir) / ".val_meshes.png"
+        rows = [(name, *fig["meshes"]) for name, fig in self._val_shapes]
         title = f"validation meshes, step {self.global_step}"
-        mesh_comparison_picture(rows, path, title=title, tile=160)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            exp.add_image(
-                "val/meshes", np.asarray(im.convert("RGB")), self.global_step, dataformats="HWC"
-            )
-        path.unlink(missing_ok=True)
+        image = mesh_comparison_image(rows, title=title, tile=160)
+        exp.add_image("val/meshes", image, self.global_step, dataformats="HWC")
 
     # ------------------------------------------------------------------------------ the report
     @torch.no_grad()
@@ -245,8 +243,7 @@ class SparseSDFModule(VQTokenizerModule):
         self.eval()
         rows: list[tuple[str, Any, Any]] = []
         notes: list[str] = []
-        for name, a, b in self._val_shapes:
-            fig = shape_figures(a, b)
+        for name, fig in self._val_shapes:  # the last validation's, measured there
             rows.append((name, *fig["meshes"]))
             notes.append(f"Chamfer {fig['chamfer']:.4f}, IoU {fig['iou_dense']:.3f}")
         dm = getattr(trainer, "datamodule", None)
@@ -263,14 +260,14 @@ class SparseSDFModule(VQTokenizerModule):
                 0
             ]
             fig = shape_figures(a, b)
-            occ_a, occ_b = batch["values"] < 0, out.reconstructions < 0
+            l1, inter, union = patch_figures(batch["values"], out.reconstructions)
             name = names[i] if i < len(names) else f"mesh {i}"
             held[name] = {
                 "patches": int(batch["values"].shape[0]),
                 "used_codes": int(out.per_sample.used_codes[0]),
                 "used_per_token": round(float(out.per_sample.used_per_token[0]), 4),
-                "sdf_l1": round(float((out.reconstructions - batch["values"]).abs().mean()), 5),
-                "iou": round(float((occ_a & occ_b).sum() / (occ_a | occ_b).sum().clamp_min(1)), 4),
+                "sdf_l1": round(float(l1), 5),
+                "iou": round(float(inter / union.clamp_min(1)), 4),
                 "chamfer": round(fig["chamfer"], 5),
             }
             rows.append((f"{name} (held out)", *fig["meshes"]))
