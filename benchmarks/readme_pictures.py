@@ -5,9 +5,12 @@ in the title).
 
     python benchmarks/readme_pictures.py \\
         [--ckpt runs/quickstart/tensorboard/version_0/checkpoints/last.ckpt] [--num 8]
+    python benchmarks/readme_pictures.py --name avatars64 \\
+        --ckpt runs/avatars64/tensorboard/version_0/checkpoints/last.ckpt
 
-Writes ``docs/images/quickstart_train_reconstructions.png`` and
-``docs/images/quickstart_heldout_reconstructions.png``; prints the PSNR of each set shown.
+Writes ``docs/images/<name>_train_reconstructions.png`` and
+``docs/images/<name>_heldout_reconstructions.png`` (``--name`` quickstart by default); prints the
+PSNR of each set shown.
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from vqkit.tokens import tokenizer_split  # noqa: E402
 from vqkit.training.export import load_any_tokenizer  # noqa: E402
 
 
-def _picture(model, dataset, num: int, what: str, out: Path) -> float:  # noqa: ANN001
+def _picture(model, dataset, num: int, what: str, out: Path, name: str) -> float:  # noqa: ANN001
     step = max(len(dataset) // num, 1)  # spread over the set, not its first files
     images = torch.stack([dataset[i] for i in range(0, step * num, step)][:num])
     with torch.no_grad():
-        recon = model.decode_indices(model.encode(images)).clamp(-1, 1)
+        codes = model.encode(images)
+        recon = model.decode_indices(codes).clamp(-1, 1)
     value = float(psnr(recon, images))  # per-image PSNR on [0, 1], averaged
-    title = f"quickstart tokenizer, {what} images: PSNR {value:.1f} dB (8x8 codes of 1,024)"
+    h, w = codes.shape[-2:]
+    k = model.quantizer.codebook_size
+    title = f"{name} tokenizer, {what} images: PSNR {value:.1f} dB ({h}x{w} codes of {k:,})"
     save_png(labelled_grid([images, recon], ["original", "reconstruction"], title), out)
     return value
 
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default="runs/quickstart/tensorboard/version_0/checkpoints/last.ckpt")
     p.add_argument("--num", type=int, default=8)
+    p.add_argument("--name", default="quickstart", help="names the files and the title")
     args = p.parse_args(argv)
     tok = load_any_tokenizer(args.ckpt)
     from vqkit.training.checkpoint import read_checkpoint
@@ -52,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     dm.setup("fit")
     images = REPO / "docs" / "images"
     for what, dataset, name in (
-        ("training", dm.train_dataset, "quickstart_train_reconstructions.png"),
-        ("held-out (validation)", dm.val_dataset, "quickstart_heldout_reconstructions.png"),
+        ("training", dm.train_dataset, f"{args.name}_train_reconstructions.png"),
+        ("held-out (validation)", dm.val_dataset, f"{args.name}_heldout_reconstructions.png"),
     ):
-        value = _picture(tok.model, dataset, args.num, what, images / name)
+        value = _picture(tok.model, dataset, args.num, what, images / name, args.name)
         print(f"{images / name}: PSNR {value:.2f} dB")
     return 0
 

@@ -44,7 +44,7 @@ except ImportError:  # run as a script from anywhere
 
 # What each row trains, how the runs are made and how the page is written live in
 # benchmarks/utilization/ (rows.py, runner.py, report.py); this file is the command line.
-from benchmarks.utilization.report import JSON_REL, write_report
+from benchmarks.utilization.report import paths_for, write_report
 from benchmarks.utilization.rows import ROWS
 from benchmarks.utilization.runner import run_study
 
@@ -73,7 +73,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve-every", type=int, default=None, help="validation every N steps")
     p.add_argument("--quick", action="store_true", help="3 rows, 1 seed, 30 steps, 64 val images")
     p.add_argument("--fresh", action="store_true", help="discard finished runs in the JSON")
+    p.add_argument(
+        "--data",
+        choices=["emoji", "avatars"],
+        default="emoji",
+        help="emoji: the bundled set (utilization_study.json); avatars: the avatar set "
+        "(large_k_study.json), sized by --train-images / --val-images",
+    )
+    p.add_argument("--train-images", type=int, default=None, help="avatars: default 60,000")
+    p.add_argument("--val-images", type=int, default=None, help="avatars: default 20,000")
+    p.add_argument(
+        "--curve-images", type=int, default=None, help="validation images for the curve points"
+    )
     args = p.parse_args(argv)
+    if args.data == "avatars":
+        args.train_images = args.train_images or (800 if args.quick else 60_000)
+        args.val_images = args.val_images or (64 if args.quick else 20_000)
+    elif args.train_images is not None:
+        p.error("--train-images applies to --data avatars (emoji: the bundled split)")
     if args.quick:
         args.rows = args.rows or list(QUICK_ROWS)
         args.seeds = args.seeds or [0]
@@ -97,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    json_path = args.out / JSON_REL
+    json_path = args.out / paths_for(args.data)[0]
     command = "python " + " ".join(
         shlex.quote(a)
         for a in ["benchmarks/utilization_study.py", *(argv if argv is not None else sys.argv[1:])]
@@ -114,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         json_path=json_path,
         fresh=args.fresh,
         command=command,
+        data=args.data,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        curve_images=args.curve_images,
     )
     md_path = write_report(result, args.out)
     json_path.parent.mkdir(parents=True, exist_ok=True)

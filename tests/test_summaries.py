@@ -357,7 +357,9 @@ def test_worker_hint_dropped_only_for_data_in_memory():
 
     assert _data_in_memory(TokenDataModule())  # the prior's code grids
     assert _data_in_memory(SimpleNamespace(cache_images=True))
+    assert _data_in_memory(SimpleNamespace(cache_images="memory"))
     assert not _data_in_memory(SimpleNamespace(cache_images=False))  # decoded as read: it matters
+    assert not _data_in_memory(SimpleNamespace(cache_images="disk"))  # read per item: it matters
 
 
 def test_importing_vqkit_changes_no_filter():

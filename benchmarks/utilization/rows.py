@@ -79,12 +79,17 @@ def scale_steps(n: int, scale: float, floor: int = 1) -> int:
 
 
 def _scaled_quantizer_config(qcfg: dict, codebook_size: int, scale: float) -> dict:
-    """The YAML's quantizer with another codebook size and its step counts times ``scale``."""
+    """The YAML's quantizer with another codebook size and its step counts times ``scale``.
+
+    k-means needs more samples than codes: a reservoir smaller than ``2 * codebook_size`` is
+    grown to it (the quickstart's 16,384 serves K <= 8,192 unchanged)."""
     q = copy.deepcopy(qcfg)
     q["init_args"]["codebook_size"] = codebook_size
-    if scale != 1.0:
-        for m in q["init_args"].get("maintenance", []):
-            a = m.setdefault("init_args", {})
+    for m in q["init_args"].get("maintenance", []):
+        a = m.setdefault("init_args", {})
+        if "reservoir_size" in a:
+            a["reservoir_size"] = max(a["reservoir_size"], 2 * codebook_size)
+        if scale != 1.0:
             for key in ("warmup_steps", "every", "until"):
                 if key in a:
                     a[key] = scale_steps(a[key], scale, floor=0 if key == "warmup_steps" else 1)

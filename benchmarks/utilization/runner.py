@@ -42,7 +42,35 @@ class Data:
     epoch_steps: int
 
 
-def load_data(quickstart: dict, *, max_images: int | None, val_images: int | None) -> Data:
+def load_data(
+    quickstart: dict,
+    *,
+    max_images: int | None,
+    val_images: int | None,
+    data: str = "emoji",
+    train_images: int | None = None,
+) -> Data:
+    """The study's images at the quickstart's size: the bundled Fluent Emoji 3D set and its
+    split (``data="emoji"``), or the first ``train_images`` / ``val_images`` avatars of
+    ``vqkit.data.avatars`` (drawn on first use; sha256-listed, so not scanned again)."""
+    if data == "avatars":
+        from vqkit.data.avatars import fetch_avatars
+        from vqkit.data.images import ImageFolderDataset
+
+        built = fetch_avatars(train_images or max_images or 20_000, val_images or 2_000)
+
+        def dataset(paths: list, augment: bool) -> ImageFolderDataset:
+            # the ImageDataModule's defaults (flip 0.5, jitter 0.1), decoded once into memory
+            return ImageFolderDataset(
+                paths, quickstart["image_size"], augment=augment, validate=False, cache=True
+            )
+
+        train = dataset(built.train, True)
+        val_set = dataset(built.val, False)
+        val = torch.stack([val_set[i] for i in range(len(val_set))])
+        return Data(train, val, len(train) // quickstart["batch_size"])
+    if data != "emoji":
+        raise ValueError(f"data must be 'emoji' or 'avatars', got {data!r}")
     from vqkit.data import ImageDataModule
 
     dm = ImageDataModule(
@@ -117,6 +145,7 @@ def run_one(
     quickstart: dict,
     curve_every: int,
     scale: float,
+    curve_images: int | None = None,
 ) -> dict:
     ctx = Ctx(
         dim=quickstart["quantizer"]["init_args"]["dim"],
@@ -179,7 +208,8 @@ def run_one(
         train_seconds += t2 - t1
         step_times.append(t2 - t1)
         if step % curve_every == 0 or step == steps:
-            ev = evaluate(model, data.val, codebook_size, full=False)
+            # the curve may use the split's first images only (the final figures use all)
+            ev = evaluate(model, data.val[:curve_images], codebook_size, full=False)
             curve.append(
                 {
                     "step": step,
@@ -242,7 +272,7 @@ def _resume(json_path: Path, settings: dict, steps_for: dict[int, int]) -> list[
     """The finished runs stored in ``json_path`` that this study can keep: it refuses runs made
     with other settings and drops those of another step budget."""
     old = json.loads(json_path.read_text())
-    keep = ("quick", "threads", "batch_size", "image_size", "val_images")
+    keep = ("quick", "threads", "batch_size", "image_size", "val_images", "train_images")
     clash = {
         k: (old["settings"].get(k), settings[k])
         for k in keep
@@ -279,6 +309,10 @@ def run_study(
     json_path: Path,
     fresh: bool,
     command: str,
+    data: str = "emoji",
+    train_images: int | None = None,
+    val_images: int | None = None,
+    curve_images: int | None = None,
 ) -> dict:
     """Train every (codebook size, row, seed) not already in ``json_path`` (unless ``fresh``),
     writing the JSON after each run; return the result with its ``summary``. ``steps`` is the
@@ -291,13 +325,18 @@ def run_study(
     every = {k: curve_every or max(1, v // 10) for k, v in steps_for.items()}
     reach = quickstart["schedule_reach"]
     scale = {k: schedule_scale(v, reach) for k, v in steps_for.items()}
+    dataset = data
     data = load_data(
         quickstart,
         max_images=800 if quick else None,
-        val_images=64 if quick else None,
+        val_images=(64 if quick else None) if val_images is None else val_images,
+        data=dataset,
+        train_images=train_images,
     )
     grid = data.val.shape[-1] // (2 ** (len(quickstart["model"]["channel_mult"]) - 1))
     settings = {
+        "data": dataset,
+        "curve_images": min(curve_images or len(data.val), len(data.val)),
         "quick": quick,
         "steps": {str(k): v for k, v in steps_for.items()},
         "curve_every": every[codebook_sizes[0]],
@@ -316,7 +355,7 @@ def run_study(
         runs = _resume(json_path, settings, steps_for)
         settings["seeds"] = sorted(set(seeds) | {r["seed"] for r in runs})
     result = {
-        "benchmark": "utilization_study",
+        "benchmark": json_path.stem,
         "command": command,
         "machine": machine_info(),
         "settings": settings,
@@ -334,7 +373,9 @@ def run_study(
                     print(f"skip K={k} {name} seed {seed} (in {json_path})", flush=True)
                     continue
                 t0 = time.perf_counter()
-                r = run_one(name, k, seed, steps_for[k], data, quickstart, every[k], scale[k])
+                r = run_one(
+                    name, k, seed, steps_for[k], data, quickstart, every[k], scale[k], curve_images
+                )
                 runs.append(r)
                 print(
                     f"K={k} {name:12s} seed {seed}: util {r['utilization']:.3f} "

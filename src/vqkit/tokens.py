@@ -79,7 +79,16 @@ _SAME = (
     "flip",
 )
 _RECORDED = ("tokenizer", "token_grid", "dtype", "count", "flip", "shards", "images_sha256")
-_DATA_KEYS = ("root", "val_root", "val_fraction", "split_seed", "max_images", "dataset")
+_DATA_KEYS = (
+    "root",
+    "val_root",
+    "val_fraction",
+    "split_seed",
+    "max_images",
+    "dataset",
+    "dataset_size",  # the avatar set's sizes
+    "val_size",
+)
 
 
 class TokensError(ValueError):
@@ -643,7 +652,10 @@ def tokenizer_split(
     kwargs = {k: hp[k] for k in _DATA_KEYS if k in hp}
     if root is not None:
         kwargs.update(root=root, val_root=val_root)
-    elif kwargs.get("root") is None:
+    if kwargs.get("root") is not None or kwargs.get("dataset") not in (None, "avatars"):
+        kwargs.pop("dataset_size", None)  # they size the avatar set only
+        kwargs.pop("val_size", None)
+    if kwargs.get("root") is None:
         kwargs.pop("root", None)
     kwargs["dataset"] = kwargs.get("dataset") or "fluent-emoji-3d"
     if hp.get("cache_dir") is not None:

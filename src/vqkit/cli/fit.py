@@ -160,13 +160,17 @@ def _before_run(cli, prog: str = "vqkit") -> None:  # noqa: ANN001
 
 def _data_in_memory(datamodule) -> bool:  # noqa: ANN001
     """Whether the data module serves tensors held in memory: the prior's code grids, or images
-    decoded once (``cache_images``)."""
+    decoded once into memory (``cache_images`` true or "memory", or "auto" that chose memory).
+    Images read from the disk cache ("disk") are not: workers overlap reading and augmenting."""
     from ..data.sparse3d import ShapeDataModule
     from ..prior.data import TokenDataModule
 
-    return isinstance(datamodule, (TokenDataModule, ShapeDataModule)) or bool(
-        getattr(datamodule, "cache_images", False)
-    )
+    if isinstance(datamodule, (TokenDataModule, ShapeDataModule)):
+        return True
+    in_memory = getattr(datamodule, "images_in_memory", None)
+    if callable(in_memory):
+        return bool(in_memory())
+    return getattr(datamodule, "cache_images", False) in (True, "memory")
 
 
 def _output_folders(trainer) -> list:  # noqa: ANN001

@@ -13,13 +13,16 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from .diskcache import DiskImageCache
 
 log = logging.getLogger("vqkit.data")
 
@@ -71,6 +74,19 @@ def check_square(square: str) -> None:
 def check_image_size(image_size: int) -> None:
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
+CacheMode = Literal["none", "memory", "disk", "auto"]
+CACHE_MODES: tuple[str, ...] = ("none", "memory", "disk", "auto")
+
+
+def check_cache_mode(value: object, name: str = "cache_images") -> CacheMode:
+    """``False``/``True`` (as before: no cache / memory) or a mode name -> the mode name."""
+    if isinstance(value, bool):
+        return "memory" if value else "none"
+    if isinstance(value, str) and value in CACHE_MODES:
+        return value  # type: ignore[return-value]
+    raise ValueError(f"{name} must be one of False, True, {CACHE_MODES}, got {value!r}")
 
 
 def check_augment_args(flip_p: float, jitter: float) -> None:
@@ -186,6 +202,22 @@ def load_image(
     return pil_to_tensor(_square(img, image_size, square, background))
 
 
+def load_image_uint8(
+    path: str | os.PathLike[str],
+    image_size: int,
+    *,
+    square: Square = "crop",
+    background: RGB = WHITE,
+) -> np.ndarray:
+    """:func:`load_image`'s pixels as a (3, image_size, image_size) uint8 array, what the image
+    caches hold (``x.float() / 127.5 - 1`` gives ``load_image``'s tensor bit for bit)."""
+    check_image_size(image_size)
+    check_square(square)
+    img = _open_rgb(Path(path), background, draft_size=image_size)
+    rgb = np.asarray(_square(img, image_size, square, background), dtype=np.uint8)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
 def _check_one(path: Path, background: RGB) -> str | None:
     try:
         _open_rgb(path, background)
@@ -253,6 +285,12 @@ class ImageFolderDataset(Dataset[Tensor]):
     orientation. Its random stream is a ``torch.Generator`` per process seeded from
     ``torch.initial_seed()``, which the DataLoader sets per worker and per epoch from its own
     generator, so a seeded loader gives the same augmentations on every run.
+
+    ``cache``: ``False`` / ``"none"`` decodes every item as it is read; ``True`` / ``"memory"``
+    decodes all once into one uint8 tensor (S*S*3 bytes an image); ``"disk"`` decodes them once
+    into a file under ``cache_dir`` (see :mod:`vqkit.data.diskcache`) that later runs reuse, and
+    reads one image at a time from it; a :class:`~vqkit.data.diskcache.DiskImageCache` whose
+    item ``i`` holds ``source[i]`` is used as it is. The pixels are the same in all three.
     """
 
     def __init__(
@@ -266,11 +304,17 @@ class ImageFolderDataset(Dataset[Tensor]):
         jitter: float = 0.1,
         background: RGB = WHITE,
         validate: bool = True,
-        cache: bool = False,
+        cache: bool | CacheMode | DiskImageCache = False,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        from .diskcache import DiskImageCache, open_or_build
+
         check_image_size(image_size)
         check_square(square)
         check_augment_args(flip_p, jitter)
+        mode = cache if isinstance(cache, DiskImageCache) else check_cache_mode(cache, "cache")
+        if mode == "auto":
+            raise ValueError("cache='auto' is for ImageDataModule; pick 'memory' or 'disk' here")
         if isinstance(source, (str, os.PathLike)):
             paths = find_images(source)
             where = f"folder {str(source)!r}"
@@ -278,7 +322,22 @@ class ImageFolderDataset(Dataset[Tensor]):
             paths = [Path(p) for p in source]
             where = f"the {len(paths)} given paths"
         self.skipped: list[tuple[Path, str]] = []
-        if validate:
+        self._disk: DiskImageCache | None = None
+        if isinstance(mode, DiskImageCache):
+            # Built by the caller (ImageDataModule), whose build already decoded every file.
+            if len(mode) != len(paths):
+                raise ValueError(f"the disk cache holds {len(mode)} images for {len(paths)} paths")
+            self._disk = mode
+        elif mode == "disk":
+            # Decoding into the cache is also the validity scan: one pass, skipped if a
+            # complete cache of these very files exists (its sidecar lists the bad ones).
+            found = open_or_build(
+                paths, image_size, square=square, background=background, cache_dir=cache_dir
+            )
+            # validate=False saves nothing here: the build decodes every file anyway.
+            self._disk, paths, self.skipped = found.cache, found.paths, found.skipped
+            warn_skipped(self.skipped, len(paths) + len(self.skipped))
+        elif validate:
             paths, self.skipped = scan_images(paths, background=background)
             warn_skipped(self.skipped, len(paths) + len(self.skipped))
         if not paths:
@@ -297,19 +356,30 @@ class ImageFolderDataset(Dataset[Tensor]):
         self._gen_seed: int | None = None
         # Decoding a 256 px WebP costs ~5 ms; on a CPU-bound run that is a large share of a step.
         # The cache holds every image once, decoded and resized, as uint8 (S*S*3 bytes each).
-        self._cache: Tensor | None = self._decode_all() if cache else None
+        self._cache: Tensor | None = self._decode_all() if mode == "memory" else None
 
     def _decode_all(self) -> Tensor:
-        def one(path: Path) -> Tensor:
-            x = load_image(path, self.image_size, square=self.square, background=self.background)
-            return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        def one(path: Path) -> np.ndarray:
+            return load_image_uint8(
+                path, self.image_size, square=self.square, background=self.background
+            )
 
+        s = self.image_size
+        out = np.empty((len(self.paths), 3, s, s), dtype=np.uint8)
+        # Filled as decoded, not stacked from a list: the peak stays at one copy of the cache.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            return torch.stack(list(pool.map(one, self.paths)))
+            for i, pixels in enumerate(pool.map(one, self.paths)):
+                out[i] = pixels
+        return torch.from_numpy(out)
 
     @property
     def cached(self) -> bool:
-        return self._cache is not None
+        return self._cache is not None or self._disk is not None
+
+    @property
+    def cache_mode(self) -> Literal["none", "memory", "disk"]:
+        """Where the decoded images are held: nowhere (decoded per item), memory or disk."""
+        return "memory" if self._cache is not None else "disk" if self._disk is not None else "none"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -338,8 +408,9 @@ class ImageFolderDataset(Dataset[Tensor]):
             # index would turn into an endless loop.
             raise IndexError(f"index {index} out of range for {len(self.paths)} images")
         index %= len(self.paths)
-        if self._cache is not None:
-            x = self._cache[index].float() / 127.5 - 1.0
+        if self._cache is not None or self._disk is not None:
+            u = self._cache[index] if self._cache is not None else self._disk.read(index)
+            x = u.float() / 127.5 - 1.0
             return self.augment_tensor(x, seed) if self.augment else x
         return self._load(index, seed)
 

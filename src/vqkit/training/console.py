@@ -189,7 +189,8 @@ def quiet_dependencies(level: str | int | None = None) -> None:
 
 def quiet_worker_hint(level: str | int | None = None) -> None:
     """Drop Lightning's hint to raise ``num_workers`` (unless ``level`` is DEBUG): for data held
-    in memory (the prior's code grids, ``cache_images``), workers would only copy it."""
+    in memory (the prior's code grids, ``cache_images`` in memory), workers would only copy it.
+    Images read from the disk cache (``cache_images="disk"``) keep the hint: workers help."""
     if not verbose(level):
         warnings.filterwarnings("ignore", message=WORKER_HINT)
 
