@@ -22,10 +22,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# npm errors that mean "no registry from here", not a fault of vqkit's
+_OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "ENETUNREACH", "network")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    # The real packages from the npm registry, as `vqkit data fetch avatars` gets them (about
+    # 2.3 MB); the first 64 images of each split are then compared with the pinned manifests.
     cache = tmp_path_factory.mktemp("avatars")
-    return cache, fetch_avatars(64, 64, cache)
+    try:
+        return cache, fetch_avatars(64, 64, cache)
+    except RuntimeError as err:
+        if "npm pack" in str(err) and any(m in str(err) for m in _OFFLINE):
+            pytest.skip(f"the npm registry is not reachable: {str(err).splitlines()[0]}")
+        raise
 
 
 def _copy_tools(built_cache, cache):

@@ -143,6 +143,24 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
     assert isinstance(restart, DeadCodeRestart) and restart.threshold == 2.0
 
 
+def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: dict) -> None:
+    """At K beyond half the quickstart's 16,384-vector reservoir, the default's and VQFR's
+    reservoirs grow to 2K (k-means needs more vectors than codes); the avatar study writes
+    large_k_study.json / .md beside the emoji study's."""
+    from benchmarks.utilization.report import paths_for
+
+    for k, want in ((8192, 16384), (16384, 32768)):
+        for name in ("default", "vqfr_full"):
+            q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
+            kmeans = (KMeansInit, KMeansReestimate)
+            sizes = [m.reservoir_size for m in q.maintenance if isinstance(m, kmeans)]
+            assert sizes and set(sizes) == {want}, (name, k, sizes)
+    assert paths_for("emoji") == (JSON_REL, MD_REL)
+    assert [p.name for p in paths_for("avatars")] == ["large_k_study.json", "large_k_study.md"]
+    with pytest.raises(SystemExit):
+        U.parse_args(["--train-images", "10"])  # the emoji study has its own split
+
+
 def test_low_usage_reset_replaces_its_share(quickstart: dict) -> None:
     q = build_quantizer("seed002", _ctx(quickstart, k=100))  # resets every 2 steps
     assert q.sample_temperature == 2.5 and q.ema.decay == 0.7
