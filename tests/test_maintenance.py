@@ -68,6 +68,36 @@ def test_kmeans_init_codebook_equals_kmeans_of_reservoir():
     torch.testing.assert_close(vq.codebook.detach(), ref.centers)
 
 
+def test_random_start_for_very_large_codebooks():
+    """init="random" (k-means from distinct reservoir vectors, no k-means++ seeding: hours at
+    65,536 codes on a CPU) gives kmeans(init="random") exactly, and dead-mode re-estimation
+    re-places only the dead codes from reservoir vectors; a bad value names the choices."""
+    torch.manual_seed(0)
+    data, _ = blobs(400, 8, 3)
+    init = KMeansInit(warmup_steps=1, reservoir_size=400, init="random")
+    vq = VectorQuantizer(3, 8, maintenance=[init]).train()
+    vq(data[:200])
+    res = init.reservoir.contents().clone()
+    vq(data[200:400])
+    ref = kmeans(torch.cat([res, data[200:400]]), 8, iters=50, seed=1, init="random")
+    torch.testing.assert_close(vq.codebook.detach(), ref.centers)
+    assert "random start" in init.describe(vq)
+
+    re = KMeansReestimate(every=2, until=None, reservoir_size=256, mode="dead", init="random")
+    vq = VectorQuantizer(3, 16, maintenance=[re]).train()
+    before = vq.codebook.detach().clone()
+    events = []
+    for i in range(3):  # 8 blobs for 16 codes: some codes go unused and are re-placed at step 2
+        vq(data[i * 100 : (i + 1) * 100])
+        events += vq.pop_events()
+    assert [e.strategy for e in events if e.status == "done"] == ["k-means re-estimation"]
+    moved = (vq.codebook.detach() - before).abs().sum(1) > 0
+    assert 0 < int(moved.sum()) < 16
+    for bad in (KMeansInit, KMeansReestimate):
+        with pytest.raises(ValueError, match=r"init must be one of \('k-means\+\+', 'random'\)"):
+            bad(init="kmeans++")
+
+
 def test_kmeans_init_waits_for_enough_samples(caplog):
     vq = VectorQuantizer(2, 32, maintenance=[KMeansInit(warmup_steps=0, reservoir_size=64)]).train()
     with caplog.at_level(logging.INFO, logger="vqkit"):

@@ -145,6 +145,15 @@ def _feed(quantizer: CodebookOwner, reservoir: ReservoirSampler, z: Tensor) -> N
     reservoir._fed_step = step
 
 
+_INITS = ("k-means++", "random")
+
+
+def _check_init(init: str) -> str:
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    return init
+
+
 def _tokens_per_step(quantizer: CodebookOwner, z: Tensor) -> int:
     return quantizer.last_tokens or z.shape[0] * D.world_size()
 
@@ -180,6 +189,10 @@ class KMeansInit(_Cached):
 
     ``warmup_steps=0`` initializes from the first batch(es), like ``kmeans_init`` elsewhere; if
     the reservoir still holds fewer vectors than codes, it keeps filling and retries each step.
+    ``init``: how k-means starts, ``"k-means++"`` (greedy, best centers) or ``"random"``
+    (distinct reservoir vectors): k-means++ costs about ``K * (2 + ln K)`` passes over the
+    reservoir, hours on a CPU at 65,536 codes, so ``"random"`` is the choice for very large
+    codebooks off the GPU.
     """
 
     def __init__(
@@ -188,6 +201,7 @@ class KMeansInit(_Cached):
         reservoir_size: int = 16384,
         *,
         iters: int = 50,
+        init: str = "k-means++",
         seed: int = 0,
         reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
@@ -200,6 +214,7 @@ class KMeansInit(_Cached):
         self.warmup_steps = warmup_steps
         self.reservoir_size = reservoir_size
         self.iters = iters
+        self.init = _check_init(init)
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
         self.register_buffer("done", torch.zeros((), dtype=torch.bool))
@@ -235,7 +250,9 @@ class KMeansInit(_Cached):
             )
             return False
         t0 = time.perf_counter()
-        centers, counts, inertia = _kmeans_on_rank0(quantizer, x, step, self.seed, self.iters)
+        centers, counts, inertia = _kmeans_on_rank0(
+            quantizer, x, step, self.seed, self.iters, init=self.init
+        )
         counts = counts * _tokens_per_step(quantizer, z) / x.shape[0]
         mask = torch.ones(k, dtype=torch.bool, device=quantizer.codebook.device)
         replaced = quantizer.replace_codes(mask, centers, counts)
@@ -253,9 +270,10 @@ class KMeansInit(_Cached):
             when = "from the first batches"
         else:
             when = f"at step {self.warmup_steps} (steps before it pass through unquantized)"
+        start = "" if self.init == "k-means++" else f", {self.init} start"
         return (
-            f"k-means init: all {k} codes set to the k-means centers ({self.iters} iterations) "
-            f"of a {self.reservoir_size}-vector reservoir {when}"
+            f"k-means init: all {k} codes set to the k-means centers ({self.iters} iterations"
+            f"{start}) of a {self.reservoir_size}-vector reservoir {when}"
         )
 
     def extra_repr(self) -> str:
@@ -273,6 +291,8 @@ class KMeansReestimate(Maintenance):
     end of the run); the reservoir fills on every training step below ``until``. A scheduled
     step with no quantized step since quantization began (or since the last re-estimation) is
     skipped: during a ``KMeansInit`` warm-up and on its init step every code would look dead.
+    ``init="random"`` starts the new centers at distinct random reservoir vectors instead of
+    k-means++ (see :class:`KMeansInit`: for very large codebooks off the GPU).
     """
 
     def __init__(
@@ -286,6 +306,7 @@ class KMeansReestimate(Maintenance):
         reset_reservoir: bool = True,
         warm_start: bool = False,
         iters: int = 20,
+        init: str = "k-means++",
         seed: int = 0,
         reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
@@ -298,6 +319,7 @@ class KMeansReestimate(Maintenance):
         _check_positive("iters", iters)
         if mode not in ("full", "dead"):
             raise ValueError(f"mode must be 'full' or 'dead', got {mode!r}")
+        self.init = _check_init(init)
         if min_usage < 1:
             raise ValueError(f"min_usage must be >= 1, got {min_usage}")
         self.every = every
@@ -363,7 +385,7 @@ class KMeansReestimate(Maintenance):
         dev = quantizer.codebook.device
         t0 = time.perf_counter()
         if self.mode == "full":
-            init = quantizer.effective_codebook().detach() if self.warm_start else "k-means++"
+            init = quantizer.effective_codebook().detach() if self.warm_start else self.init
             centers, counts, inertia = _kmeans_on_rank0(
                 quantizer, x, step, self.seed, self.iters, init=init
             )
@@ -400,7 +422,12 @@ class KMeansReestimate(Maintenance):
         x = x.to(dev, torch.float32)
         codes = quantizer.effective_codebook().detach().clone()
         seed = self.seed + step
-        codes[dead] = kmeans_plusplus(x, int(dead.sum()), seed=seed, existing=codes[~dead])
+        n_dead = int(dead.sum())
+        if self.init == "random":  # distinct reservoir vectors
+            g = torch.Generator(device=x.device).manual_seed(seed)
+            codes[dead] = x[torch.randperm(x.shape[0], generator=g, device=x.device)[:n_dead]]
+        else:
+            codes[dead] = kmeans_plusplus(x, n_dead, seed=seed, existing=codes[~dead])
         res = kmeans(x, k, init=codes, frozen=~dead, iters=self.iters, seed=seed)
         return res.centers, torch.bincount(res.assignments, minlength=k).float(), res.inertia
 
