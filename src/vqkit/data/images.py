@@ -13,16 +13,13 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
-
-if TYPE_CHECKING:
-    from .diskcache import DiskImageCache
 
 log = logging.getLogger("vqkit.data")
 
@@ -304,7 +301,8 @@ class ImageFolderDataset(Dataset[Tensor]):
         jitter: float = 0.1,
         background: RGB = WHITE,
         validate: bool = True,
-        cache: bool | CacheMode | DiskImageCache = False,
+        cache: bool | CacheMode | Any = False,  # Any: a diskcache.DiskImageCache (no import
+        # of diskcache here: it imports this module)
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from .diskcache import DiskImageCache, open_or_build
@@ -322,7 +320,7 @@ class ImageFolderDataset(Dataset[Tensor]):
             paths = [Path(p) for p in source]
             where = f"the {len(paths)} given paths"
         self.skipped: list[tuple[Path, str]] = []
-        self._disk: DiskImageCache | None = None
+        self._disk: Any = None  # a diskcache.DiskImageCache
         if isinstance(mode, DiskImageCache):
             # Built by the caller (ImageDataModule), whose build already decoded every file.
             if len(mode) != len(paths):
