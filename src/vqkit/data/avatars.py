@@ -32,14 +32,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundled import _check_tarball, _npm_pack, _safe_relpath, default_cache_dir, sha256_file
+from .bundled import _check_tarball, _extract, _npm_pack, default_cache_dir, sha256_file
 
 log = logging.getLogger("vqkit.data")
 
@@ -275,18 +274,7 @@ def _install_tools(root: Path, npm: str) -> Path:
             download.mkdir(parents=True)
             tgz = _npm_pack(pkg.spec, npm, download, timeout=300)
             _check_tarball(tgz, pkg.sha256, pkg.size, delete_bad=True)
-            dest = staged / "node_modules" / Path(*pkg.name.split("/"))
-            with tarfile.open(tgz, "r:*") as tar:
-                for member in tar:
-                    rel = _safe_relpath(member, "package/")
-                    if rel is None:
-                        continue
-                    target = dest.joinpath(*rel.parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
+            _extract(tgz, "package/", staged / "node_modules" / Path(*pkg.name.split("/")))
         (staged / "render.mjs").write_text(RENDER_SCRIPT)
         (staged / "installed.json").write_text(json.dumps(want))
         if tools.exists():
@@ -415,17 +403,19 @@ def fetch_avatars(
                 f"{root / (split + '.sha256')} to draw them again"
             )
         manifest[split] = manifest_hash(lines)
-    seconds = time.perf_counter() - started if built else 0.0
-    info = {
-        "format": FORMAT_VERSION,
-        "image_size": image_size,
-        "packages": {p.spec: p.license for p in PACKAGES},
-        "renderer": RESVG_BINARIES[resvg_platform()].spec if built else None,
-        "num": num,
-        "num_val": num_val,
-        "manifest": manifest,
-    }
+    seconds = 0.0
     if built:
-        (root / "last_build.json").write_text(json.dumps({**info, "seconds": seconds}, indent=1))
+        seconds = time.perf_counter() - started
+        info = {
+            "format": FORMAT_VERSION,
+            "image_size": image_size,
+            "packages": {p.spec: p.license for p in PACKAGES},
+            "renderer": RESVG_BINARIES[resvg_platform()].spec,
+            "num": num,
+            "num_val": num_val,
+            "manifest": manifest,
+            "seconds": seconds,
+        }
+        (root / "last_build.json").write_text(json.dumps(info, indent=1))
         log.info("built the avatar set in %.1f s: %s", seconds, root)
     return AvatarSet(root, files["train"], files["val"], manifest, seconds)

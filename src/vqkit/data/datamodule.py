@@ -64,7 +64,8 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: seeds the train/val split and the ``max_images`` subset.
         shuffle_seed: seeds train shuffling and the workers' augmentation streams (with
             ``num_workers=0`` augmentation follows the global torch seed instead).
-        max_images: use a random subset of this many images per folder (tiny runs).
+        max_images: use a random subset of this many images per folder (tiny runs; the avatar
+            set: the first this many of each split).
         cache_images: where the decoded images are kept (``image_size**2 * 3`` bytes each as
             uint8; 3,391 images at 64 px take 42 MB, 60,000 at 256 px 11.8 GB).
             ``False`` / ``"none"``: decoded as they are read (use loader workers).
