@@ -46,7 +46,7 @@ except ImportError:  # run as a script from anywhere
 # benchmarks/utilization/ (rows.py, runner.py, report.py); this file is the command line.
 from benchmarks.utilization.report import paths_for, write_report
 from benchmarks.utilization.rows import ROWS
-from benchmarks.utilization.runner import run_study
+from benchmarks.utilization.runner import merge_studies, run_study
 
 QUICK_ROWS = ("plain", "default", "peer")
 DEFAULT_STEPS = 1000
@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 rows, 1 seed, 30 steps, 64 val images")
     p.add_argument("--fresh", action="store_true", help="discard finished runs in the JSON")
     p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="train nothing: merge these study JSONs (made in parallel with --out) into the "
+        "study's JSON and page",
+    )
+    p.add_argument(
         "--data",
         choices=["emoji", "avatars"],
         default="emoji",
@@ -85,7 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--curve-images", type=int, default=None, help="validation images for the curve points"
     )
+    p.add_argument(
+        "--flip-p",
+        type=float,
+        default=None,
+        help="probability of a horizontal flip of a training image (default: 0.5 on emoji, "
+        "the data module's; 0 on avatars, which DiceBear draws with one handedness)",
+    )
     args = p.parse_args(argv)
+    if args.flip_p is None:
+        args.flip_p = 0.0 if args.data == "avatars" else 0.5
+    if not 0.0 <= args.flip_p <= 1.0:
+        p.error(f"--flip-p must be in [0, 1], got {args.flip_p}")
     if args.data == "avatars":
         args.train_images = args.train_images or (800 if args.quick else 60_000)
         args.val_images = args.val_images or (64 if args.quick else 20_000)
@@ -115,6 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     json_path = args.out / paths_for(args.data)[0]
+    if args.merge:
+        result = merge_studies(args.merge)
+        json_path = args.out / paths_for(result["settings"].get("data", "emoji"))[0]
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(result, json_path)
+        md_path = write_report(result, args.out)
+        print(f"merged {len(result['runs'])} runs into {json_path} and {md_path}")
+        return result
     command = "python " + " ".join(
         shlex.quote(a)
         for a in ["benchmarks/utilization_study.py", *(argv if argv is not None else sys.argv[1:])]
@@ -135,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_images=args.train_images,
         val_images=args.val_images,
         curve_images=args.curve_images,
+        flip_p=args.flip_p,
     )
     md_path = write_report(result, args.out)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,10 +49,14 @@ def load_data(
     val_images: int | None,
     data: str = "emoji",
     train_images: int | None = None,
+    flip_p: float = 0.5,
 ) -> Data:
     """The study's images at the quickstart's size: the bundled Fluent Emoji 3D set and its
     split (``data="emoji"``), or the first ``train_images`` / ``val_images`` avatars of
-    ``vqkit.data.avatars`` (drawn on first use; sha256-listed, so not scanned again)."""
+    ``vqkit.data.avatars`` (drawn on first use; sha256-listed, so not scanned again).
+
+    Training images are augmented as the ``ImageDataModule`` does (colour jitter 0.1), with
+    horizontal flips of probability ``flip_p`` (the data module's default 0.5)."""
     if data == "avatars":
         from vqkit.data.avatars import fetch_avatars
         from vqkit.data.images import ImageFolderDataset
@@ -60,9 +64,14 @@ def load_data(
         built = fetch_avatars(train_images or max_images or 20_000, val_images or 2_000)
 
         def dataset(paths: list, augment: bool) -> ImageFolderDataset:
-            # the ImageDataModule's defaults (flip 0.5, jitter 0.1), decoded once into memory
+            # the ImageDataModule's augmentation (jitter 0.1), decoded once into memory
             return ImageFolderDataset(
-                paths, quickstart["image_size"], augment=augment, validate=False, cache=True
+                paths,
+                quickstart["image_size"],
+                augment=augment,
+                flip_p=flip_p,
+                validate=False,
+                cache=True,
             )
 
         train = dataset(built.train, True)
@@ -80,6 +89,7 @@ def load_data(
         num_workers=0,
         cache_images=True,
         max_images=max_images,
+        flip_p=flip_p,
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -273,10 +283,13 @@ def _resume(json_path: Path, settings: dict, steps_for: dict[int, int]) -> list[
     with other settings and drops those of another step budget."""
     old = json.loads(json_path.read_text())
     keep = ("quick", "threads", "batch_size", "image_size", "val_images", "train_images")
+    keep += ("flip_p",)
+    # studies stored before the setting existed flipped with the data module's default
+    before = {"flip_p": 0.5}
     clash = {
-        k: (old["settings"].get(k), settings[k])
+        k: (old["settings"].get(k, before.get(k)), settings[k])
         for k in keep
-        if old["settings"].get(k) != settings[k]
+        if old["settings"].get(k, before.get(k)) != settings[k]
     }
     if clash:
         raise SystemExit(
@@ -313,6 +326,7 @@ def run_study(
     train_images: int | None = None,
     val_images: int | None = None,
     curve_images: int | None = None,
+    flip_p: float = 0.5,
 ) -> dict:
     """Train every (codebook size, row, seed) not already in ``json_path`` (unless ``fresh``),
     writing the JSON after each run; return the result with its ``summary``. ``steps`` is the
@@ -332,6 +346,7 @@ def run_study(
         val_images=(64 if quick else None) if val_images is None else val_images,
         data=dataset,
         train_images=train_images,
+        flip_p=flip_p,
     )
     grid = data.val.shape[-1] // (2 ** (len(quickstart["model"]["channel_mult"]) - 1))
     settings = {
@@ -345,6 +360,7 @@ def run_study(
         "threads": threads,
         "batch_size": quickstart["batch_size"],
         "image_size": quickstart["image_size"],
+        "flip_p": flip_p,
         "val_images": int(data.val.shape[0]),
         "tokens_per_image": grid * grid,
         "train_images": len(data.train),
@@ -388,4 +404,46 @@ def run_study(
                 json_path.parent.mkdir(parents=True, exist_ok=True)
                 write_json(result, json_path)
     result["summary"] = summarize(runs)
+    return result
+
+
+# --------------------------------------------------------------------------------- merging
+MERGE_KEEP = ("data", "quick", "threads", "batch_size", "image_size", "val_images")
+MERGE_KEEP += ("train_images", "flip_p", "tokens_per_image", "curve_images")
+
+
+def merge_studies(paths: list[Path]) -> dict:
+    """One study from the JSONs of several (``--out`` runs made in parallel, or on several
+    machines): their runs together, refused when a setting that changes the figures differs.
+    A (codebook size, row, seed) run found twice is kept once, from the first file."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    base = results[0]
+    for path, r in zip(paths[1:], results[1:], strict=True):
+        clash = {
+            k: (base["settings"].get(k), r["settings"].get(k))
+            for k in MERGE_KEEP
+            if base["settings"].get(k) != r["settings"].get(k)
+        }
+        if clash:
+            raise SystemExit(f"{path}: other settings than {paths[0]}: {clash}")
+    settings = dict(base["settings"])
+    settings["steps"] = {}
+    runs, seen = [], set()
+    for r in results:
+        for k, v in r["settings"]["steps"].items():
+            if settings["steps"].setdefault(k, v) != v:
+                raise SystemExit(f"K={k}: step budgets {settings['steps'][k]} and {v} differ")
+        for run in r["runs"]:
+            key = (run["codebook_size"], run["row"], run["seed"])
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    settings["seeds"] = sorted({r["seed"] for r in runs})
+    result = dict(base)
+    result.update(
+        settings=settings,
+        runs=runs,
+        command="\n".join(dict.fromkeys(r["command"] for r in results)),
+        summary=summarize(runs),
+    )
     return result
