@@ -319,9 +319,8 @@ def _augmentation_text(flip_p: float, avatars: bool) -> str:
     if avatars and flip_p == 0:
         text += (
             " (DiceBear draws every avatar with one handedness, so a flipped avatar is one the "
-            "validation split never shows: at K=16,384 flips cost the default 26 points of "
-            "utilization on 2,000 validation avatars, 65% instead of 91%; "
-            "docs/large_k_study.md, 'Why no flips')"
+            "validation split never shows; what flips cost is measured under 'Why no flips' "
+            "below)"
         )
     return text
 
