@@ -35,25 +35,16 @@ except ImportError:  # run as a script from anywhere
 from benchmarks.utilization import runner
 from benchmarks.utilization.rows import load_quickstart, schedule_scale
 
-from vqkit.quantize import CodeUsage
-
 JSON_REL = Path("benchmarks/results/large_k_flip.json")
 
 
-@torch.no_grad()
 def training_usage(model: torch.nn.Module, data: runner.Data, n_images: int, k: int) -> float:
-    """Share of the codes hit by ``n_images`` augmented training images (seeded draws)."""
-    was = model.training
-    model.eval()
-    usage = CodeUsage(k)
+    """Share of the codes hit by ``n_images`` augmented training images (seeded draws),
+    counted by the study's own ``evaluate``."""
     g = torch.Generator().manual_seed(1)
     pick = torch.randperm(len(data.train), generator=g)[:n_images]
-    for i in range(0, n_images, 128):
-        batch = torch.stack([data.train[int(j)] for j in pick[i : i + 128]])
-        idx = model(batch).indices
-        usage.update_eval(torch.bincount(idx.reshape(-1), minlength=k))
-    model.train(was)
-    return usage.stats("eval").utilization
+    images = torch.stack([data.train[int(j)] for j in pick])
+    return runner.evaluate(model, images, k, full=False)["utilization"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,50 +71,42 @@ def main(argv: list[str] | None = None) -> dict:
         train_images=args.train_images,
     )
     scale = schedule_scale(args.steps, quickstart["schedule_reach"])
-    models: list[torch.nn.Module] = []
-    evaluate = runner.evaluate
-
-    def keep_model(model, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        models.append(model)
-        return evaluate(model, *a, **kw)
-
-    runner.evaluate = keep_model  # run_one evaluates its final model last: keep it
+    n_val = int(data.val.shape[0])
     runs = []
-    try:
-        for flip in args.flips:
-            data.train.flip_p = flip
-            for row in args.rows:
-                t0 = time.perf_counter()
-                r = runner.run_one(
-                    row,
-                    args.codebook_size,
-                    args.seed,
-                    args.steps,
-                    data,
-                    quickstart,
-                    args.steps,
-                    scale,
-                )
-                train_util = training_usage(models[-1], data, len(data.val), args.codebook_size)
-                runs.append(
-                    {
-                        "row": row,
-                        "flip_p": flip,
-                        "utilization": r["utilization"],
-                        "train_utilization": train_util,
-                        "normalized_entropy": r["normalized_entropy"],
-                        "psnr": r["psnr"],
-                        "train_seconds": r["train_seconds"],
-                    }
-                )
-                print(
-                    f"flip {flip:g} {row}: val {r['utilization']:.3f} / augmented training "
-                    f"{train_util:.3f}, PSNR {r['psnr']:.2f} "
-                    f"({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
-    finally:
-        runner.evaluate = evaluate
+    for flip in args.flips:
+        data.train.flip_p = flip
+        for row in args.rows:
+            t0 = time.perf_counter()
+            r = runner.run_one(
+                row,
+                args.codebook_size,
+                args.seed,
+                args.steps,
+                data,
+                quickstart,
+                args.steps,
+                scale,
+                extra_eval=lambda m: {
+                    "train_utilization": training_usage(m, data, n_val, args.codebook_size)
+                },
+            )
+            runs.append(
+                {
+                    "row": row,
+                    "flip_p": flip,
+                    "utilization": r["utilization"],
+                    "train_utilization": r["train_utilization"],
+                    "normalized_entropy": r["normalized_entropy"],
+                    "psnr": r["psnr"],
+                    "train_seconds": r["train_seconds"],
+                }
+            )
+            print(
+                f"flip {flip:g} {row}: val {r['utilization']:.3f} / augmented training "
+                f"{r['train_utilization']:.3f}, PSNR {r['psnr']:.2f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     result = {
         "benchmark": "large_k_flip",
         "command": "python benchmarks/flip_ablation.py " + " ".join(argv or sys.argv[1:]),

@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the data module's; 0 on avatars, which DiceBear draws with one handedness)",
     )
     args = p.parse_args(argv)
+    for path in args.merge or ():
+        if not path.is_file():
+            p.error(f"--merge: no study JSON at {path}")
     if args.flip_p is None:
         args.flip_p = 0.0 if args.data == "avatars" else 0.5
     if not 0.0 <= args.flip_p <= 1.0:
@@ -133,7 +136,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    json_path = args.out / paths_for(args.data)[0]
     if args.merge:
         result = merge_studies(args.merge)
         json_path = args.out / paths_for(result["settings"].get("data", "emoji"))[0]
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         md_path = write_report(result, args.out)
         print(f"merged {len(result['runs'])} runs into {json_path} and {md_path}")
         return result
+    json_path = args.out / paths_for(args.data)[0]
     command = "python " + " ".join(
         shlex.quote(a)
         for a in ["benchmarks/utilization_study.py", *(argv if argv is not None else sys.argv[1:])]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,10 @@ def run_one(
     curve_every: int,
     scale: float,
     curve_images: int | None = None,
+    extra_eval: Callable[[nn.Module], dict] | None = None,
 ) -> dict:
+    """Train one row and evaluate it; ``extra_eval(model)`` adds figures of the final model to
+    the result (``benchmarks/flip_ablation.py`` counts the training split's codes with it)."""
     ctx = Ctx(
         dim=quickstart["quantizer"]["init_args"]["dim"],
         codebook_size=codebook_size,
@@ -230,6 +233,8 @@ def run_one(
                 }
             )
     final = evaluate(model, data.val, codebook_size)
+    if extra_eval is not None:
+        final.update(extra_eval(model))
     return {
         "row": name,
         "codebook_size": codebook_size,
@@ -278,19 +283,22 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 # --------------------------------------------------------------------------------- the grid
+# studies stored before a setting existed ran with these values
+_BEFORE = {"flip_p": 0.5}  # the data module's default
+
+
+def settings_clash(a: dict, b: dict, keys: tuple[str, ...]) -> dict[str, tuple]:
+    """The settings among ``keys`` on which two studies differ: {key: (a's, b's)}."""
+    pairs = {k: (a.get(k, _BEFORE.get(k)), b.get(k, _BEFORE.get(k))) for k in keys}
+    return {k: v for k, v in pairs.items() if v[0] != v[1]}
+
+
 def _resume(json_path: Path, settings: dict, steps_for: dict[int, int]) -> list[dict]:
     """The finished runs stored in ``json_path`` that this study can keep: it refuses runs made
     with other settings and drops those of another step budget."""
     old = json.loads(json_path.read_text())
     keep = ("quick", "threads", "batch_size", "image_size", "val_images", "train_images")
-    keep += ("flip_p",)
-    # studies stored before the setting existed flipped with the data module's default
-    before = {"flip_p": 0.5}
-    clash = {
-        k: (old["settings"].get(k, before.get(k)), settings[k])
-        for k in keep
-        if old["settings"].get(k, before.get(k)) != settings[k]
-    }
+    clash = settings_clash(old["settings"], settings, (*keep, "flip_p"))
     if clash:
         raise SystemExit(
             f"{json_path} holds runs made with other settings {clash} (stored, requested); "
@@ -419,11 +427,7 @@ def merge_studies(paths: list[Path]) -> dict:
     results = [json.loads(Path(p).read_text()) for p in paths]
     base = results[0]
     for path, r in zip(paths[1:], results[1:], strict=True):
-        clash = {
-            k: (base["settings"].get(k), r["settings"].get(k))
-            for k in MERGE_KEEP
-            if base["settings"].get(k) != r["settings"].get(k)
-        }
+        clash = settings_clash(base["settings"], r["settings"], MERGE_KEEP)
         if clash:
             raise SystemExit(f"{path}: other settings than {paths[0]}: {clash}")
     settings = dict(base["settings"])
