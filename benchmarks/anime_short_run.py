@@ -10,7 +10,7 @@ as ``short_config.yaml``:
 
 - CPU, fp32 (16-mixed is a GPU setting), ``--steps`` steps at ``--batch-size``, two validations on
   ``--val-batches`` batches, step checkpoints every quarter (the frequent one) and half;
-- the maintenance schedule scaled into the budget (k-means init at a quarter, dead-mode
+- the maintenance schedule scaled into the budget (k-means init at a quarter, k-means
   re-estimations every quarter until three quarters, reservoirs of 16,384 vectors), the LR
   warm-up at a tenth; the VQ-GAN's discriminator starts at half and ramps over a quarter;
 - no LPIPS and no rFID callback: their VGG16 / Inception weights are not on this offline machine

@@ -4,7 +4,7 @@
 
 Builds the model exactly as ``configs/quickstart.yaml`` does, then times full training steps
 (forward, loss, backward, clipping, AdamW) on the bundled set's cached 32 px images: once with
-the config's maintenance (k-means init, dead-mode re-estimation, dead-code restart) and once
+the config's maintenance (k-means init, k-means re-estimation, dead-code restart) and once
 with none, over the same steps, so the amortized cost of keeping the codebook alive (including
 the k-means runs that fall inside the window) is a measured share of training time.
 """
@@ -139,7 +139,7 @@ def main() -> None:
         f"Quickstart model (`configs/quickstart.yaml`, 32 px, batch {args.batch}, codebook 1024), "
         f"{args.steps} training steps from scratch (fwd + bwd + clip + AdamW), fp32 CPU, "
         f"{torch.get_num_threads()} threads. With the config's maintenance the run holds the "
-        "k-means init at the end of the warm-up, every dead-mode re-estimation of the schedule "
+        "k-means init at the end of the warm-up, every k-means re-estimation of the schedule "
         "and the per-step reservoir and restart checks. Both runs are timed from the end of the "
         f"warm-up (step {m['first_timed_step']}): before it the maintenance run passes the "
         "encoder output through unquantized, which is cheaper than quantizing.",

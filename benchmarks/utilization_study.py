@@ -4,7 +4,7 @@
     python benchmarks/utilization_study.py --codebook-sizes 1024 8192
     python benchmarks/utilization_study.py --quick              # CI-sized check (~1 minute)
 
-The full table (11 rows x 2 seeds x 1,000 steps at K=1024) is estimated at 1-1.5 hours on 2 idle
+The full table (12 rows x 2 seeds x 1,000 steps at K=1024) is estimated at 1-1.5 hours on 2 idle
 cores with ``--threads 2`` (at most ~1 h 52 min at the quickstart's Lightning step rate); how
 that was estimated is in ``docs/utilization_study.md`` until the generated page replaces it.
 

@@ -173,8 +173,8 @@ def test_console_tells_the_maintenance_story(tiny_run):
         "EMA codebook: moving averages of the assigned vectors, decay 0.99",
         "k-means init: all 64 codes set to the k-means centers (50 iterations) of a "
         "1024-vector reservoir at step 4",
-        "k-means re-estimation (dead) at steps 6, 12: codes used < 1 times since the last one "
-        "re-placed by k-means (20 iterations) on a 1024-vector reservoir",
+        "k-means re-estimation (full) at steps 6, 12: the whole codebook replaced by k-means "
+        "(20 iterations) on a 1024-vector reservoir",
         "dead-code restart every step: codes whose EMA usage falls below 0.5",
         # k-means: samples, codes replaced, inertia, milliseconds
         "k-means init at step 4: 1024 samples, 64 codes replaced, inertia",

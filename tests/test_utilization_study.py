@@ -141,6 +141,18 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
     assert full[1].every == dead[1].every == q.maintenance[1].every
     restart = build_quantizer("ema_restart", _ctx(quickstart)).maintenance[0]
     assert isinstance(restart, DeadCodeRestart) and restart.threshold == 2.0
+    # row 12, the default until 2026-11-29: the default's quantizer with a dead-mode re-estimation
+    old = build_quantizer("dead_restart", _ctx(quickstart, scale=1.0))
+    assert [type(m).__name__ for m in old.maintenance] == want
+    for m, new in zip(old.maintenance, q.maintenance, strict=True):
+        mine, theirs = dict(vars(m)), dict(vars(new))
+        if isinstance(m, KMeansReestimate):
+            assert (m.mode, new.mode) == ("dead", "full")
+            mine.pop("mode"), theirs.pop("mode")
+        simple = (int, float, str, bool, tuple, type(None))
+        assert {k: v for k, v in mine.items() if isinstance(v, simple)} == {
+            k: v for k, v in theirs.items() if isinstance(v, simple)
+        }, type(m).__name__
 
 
 def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: dict) -> None:
@@ -365,6 +377,32 @@ def test_parallel_studies_merge_into_one_page(tmp_path: Path) -> None:
         U.main(["--merge", str(a), str(c), "--out", str(tmp_path / "refused")])
     with pytest.raises(SystemExit):  # a path that holds no study: a usage error, not a traceback
         U.parse_args(["--merge", str(tmp_path / "missing.json")])
+
+
+def test_merge_names_each_machine_and_reads_older_studies(tmp_path: Path) -> None:
+    """A study stored before --data and --curve-images existed (emoji, curves on the whole
+    validation split) merges with a new one; parts run on different machines are named with
+    the commands that ran on each, and a merge of that merge keeps them."""
+    new = _study(tmp_path, "new", [(64, "default", 0)], data="emoji", curve_images=10)
+    old = _study(tmp_path, "old", [(64, "peer", 0)])
+    stored = json.loads(old.read_text())
+    for key in ("data", "curve_images"):
+        del stored["settings"][key]
+    stored["machine"] = {"processor": "x86_64", "cpu_cores": 2, "torch": torch.__version__}
+    old.write_text(json.dumps(stored))
+    out = tmp_path / "merged"
+    result = U.main(["--merge", str(new), str(old), "--out", str(out)])
+    assert [p["machine"].split(",")[0] for p in result["machines"]] == ["test CPU", "x86_64"]
+    md = (out / "docs/utilization_study.md").read_text()
+    assert "- test CPU, 2 cores" in md and "utilization_study.py --out new`" in md
+    assert "- x86_64, CPU model not recorded, 2 cores" in md and "--out old`" in md
+    again = tmp_path / "merged" / "benchmarks/results/utilization_study.json"
+    twice = U.merge_studies([again, new])
+    assert twice["machines"] == result["machines"]
+    assert "machines" not in U.merge_studies([new, new])  # one machine: the one-line form
+    other = _study(tmp_path, "other", [(64, "peer", 1)], data="emoji", curve_images=5)
+    with pytest.raises(SystemExit, match="curve_images"):
+        U.merge_studies([new, other])
 
 
 class _Images(torch.utils.data.Dataset):

@@ -325,6 +325,25 @@ def _augmentation_text(flip_p: float, avatars: bool) -> str:
     return text
 
 
+def machine_text(machine: dict) -> str:
+    """CPU model (or 'CPU model not recorded'), cores and torch of a study's ``machine``."""
+    cpu = machine.get("cpu_model") or f"{machine.get('processor')}, CPU model not recorded"
+    return f"{cpu}, {machine.get('cpu_cores')} cores, torch {machine.get('torch')}"
+
+
+def _machines(result: dict, threads: int) -> list[str]:
+    """The machine line; a merged study whose parts ran on different machines names each
+    machine with the commands that ran on it."""
+    parts = result.get("machines")
+    if not parts:
+        return [f"Machine: {machine_text(result['machine'])}, {threads} threads."]
+    lines = [f"Machines ({threads} threads):", ""]
+    for part in parts:
+        cmds = "; ".join(f"`{c.split('  #')[0].strip()}`" for c in part["commands"])
+        lines.append(f"- {part['machine']}: {cmds}")
+    return lines
+
+
 def _commands(command: str) -> list[str]:
     cmds = command.split("\n")
     if len(cmds) == 1:
@@ -381,9 +400,7 @@ def markdown(
         "",
         *_commands(result["command"]),
         "",
-        f"Machine: {result['machine'].get('cpu_model') or result['machine'].get('processor')}, "
-        f"{result['machine'].get('cpu_cores')} "
-        f"cores, torch {result['machine'].get('torch')}, {s['threads']} threads.",
+        *_machines(result, s["threads"]),
         "",
         f"Setup: the quickstart model (`configs/quickstart.yaml`) on {data_text}, "
         f"{s['image_size']} px, batch {s['batch_size']}, "

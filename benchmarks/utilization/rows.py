@@ -1,4 +1,4 @@
-"""The study's rows: what each of the 11 rows trains, read from or scaled like the quickstart.
+"""The study's rows: what each of the 12 rows trains, read from or scaled like the quickstart.
 
 Every row is a ``Row`` whose ``build`` turns a ``Ctx`` (dimension, codebook size, schedule scale,
 steps per epoch, the quickstart config) into a quantizer; ``build_model`` puts it inside the
@@ -139,6 +139,16 @@ def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
     return KMeansReestimate(**args)
 
 
+def _default_with(ctx: Ctx, **reestimate: Any) -> VectorQuantizer:
+    """The quickstart's quantizer (scaled like the default row) with other
+    ``KMeansReestimate`` arguments."""
+    q = _scaled_quantizer_config(ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale)
+    for m in q["init_args"].get("maintenance", []):
+        if m["class_path"].rsplit(".", 1)[-1] == "KMeansReestimate":
+            m.setdefault("init_args", {}).update(reestimate)
+    return build_from_config(q)
+
+
 def _taming(ctx: Ctx, **kw: Any) -> VectorQuantizer:
     # taming's VectorQuantizer2: U(-1/K, 1/K) codes, beta 0.25 on the commitment term.
     return _vq(ctx, codebook_init="uniform", commitment_weight=0.25, **kw)
@@ -244,6 +254,13 @@ ROWS: dict[str, Row] = {
             _scaled_quantizer_config(c.quickstart["quantizer"], c.codebook_size, c.scale)
         ),
         "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser",
+    ),
+    "dead_restart": Row(
+        12,
+        "dead-mode re-estimation + restart (the default until 2026-11-29)",
+        lambda c: _default_with(c, mode="dead"),
+        "row 11 with KMeansReestimate(mode='dead'): only codes unused since the last "
+        "re-estimation are re-placed, dead-code restart in between",
     ),
 }
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from benchmarks.common import machine_info, write_json
+from benchmarks.utilization.report import machine_text
 from benchmarks.utilization.rows import (
     ROWS,
     Ctx,
@@ -283,13 +284,21 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 # --------------------------------------------------------------------------------- the grid
-# studies stored before a setting existed ran with these values
-_BEFORE = {"flip_p": 0.5}  # the data module's default
+# studies stored before a setting existed ran with these values: the data module's flips, the
+# bundled emoji set (before --data), curves on the whole validation split (before --curve-images)
+_BEFORE = {"flip_p": lambda s: 0.5, "data": lambda s: "emoji"}
+_BEFORE["curve_images"] = lambda s: s.get("val_images")
+
+
+def _setting(settings: dict, key: str) -> object:
+    if key in settings:
+        return settings[key]
+    return _BEFORE[key](settings) if key in _BEFORE else None
 
 
 def settings_clash(a: dict, b: dict, keys: tuple[str, ...]) -> dict[str, tuple]:
     """The settings among ``keys`` on which two studies differ: {key: (a's, b's)}."""
-    pairs = {k: (a.get(k, _BEFORE.get(k)), b.get(k, _BEFORE.get(k))) for k in keys}
+    pairs = {k: (_setting(a, k), _setting(b, k)) for k in keys}
     return {k: v for k, v in pairs.items() if v[0] != v[1]}
 
 
@@ -450,4 +459,15 @@ def merge_studies(paths: list[Path]) -> dict:
         command="\n".join(dict.fromkeys(r["command"] for r in results)),
         summary=summarize(runs),
     )
+    result.pop("machines", None)
+    machines: dict[str, list[str]] = {}
+    for r in results:  # a merged part keeps the machines it was merged from
+        for part in r.get("machines") or [
+            {"machine": machine_text(r["machine"]), "commands": r["command"].splitlines()}
+        ]:
+            machines.setdefault(part["machine"], []).extend(part["commands"])
+    if len(machines) > 1:
+        result["machines"] = [
+            {"machine": m, "commands": list(dict.fromkeys(c))} for m, c in machines.items()
+        ]
     return result
