@@ -46,7 +46,7 @@ except ImportError:  # run as a script from anywhere
 # benchmarks/utilization/ (rows.py, runner.py, report.py); this file is the command line.
 from benchmarks.utilization.report import paths_for, write_report
 from benchmarks.utilization.rows import ROWS
-from benchmarks.utilization.runner import merge_studies, run_study
+from benchmarks.utilization.runner import merge_studies, run_study, setting
 
 QUICK_ROWS = ("plain", "default", "peer")
 DEFAULT_STEPS = 1000
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     if args.merge:
         result = merge_studies(args.merge)
-        json_path = args.out / paths_for(result["settings"].get("data", "emoji"))[0]
+        json_path = args.out / paths_for(setting(result["settings"], "data"))[0]
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(result, json_path)
         md_path = write_report(result, args.out)

@@ -140,8 +140,8 @@ def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
 
 
 def _default_with(ctx: Ctx, **reestimate: Any) -> VectorQuantizer:
-    """The quickstart's quantizer (scaled like the default row) with other
-    ``KMeansReestimate`` arguments."""
+    """The quickstart's quantizer, its schedules scaled by ``ctx.scale``, with ``reestimate``
+    overriding its ``KMeansReestimate`` arguments (none: the default row)."""
     q = _scaled_quantizer_config(ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale)
     for m in q["init_args"].get("maintenance", []):
         if m["class_path"].rsplit(".", 1)[-1] == "KMeansReestimate":
@@ -250,9 +250,7 @@ ROWS: dict[str, Row] = {
     "default": Row(
         11,
         "vqkit default (quickstart)",
-        lambda c: build_from_config(
-            _scaled_quantizer_config(c.quickstart["quantizer"], c.codebook_size, c.scale)
-        ),
+        lambda c: _default_with(c),
         "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser",
     ),
     "dead_restart": Row(

@@ -290,7 +290,8 @@ _BEFORE = {"flip_p": lambda s: 0.5, "data": lambda s: "emoji"}
 _BEFORE["curve_images"] = lambda s: s.get("val_images")
 
 
-def _setting(settings: dict, key: str) -> object:
+def setting(settings: dict, key: str) -> object:
+    """A stored study's setting, or the value it ran with before the setting existed."""
     if key in settings:
         return settings[key]
     return _BEFORE[key](settings) if key in _BEFORE else None
@@ -298,7 +299,7 @@ def _setting(settings: dict, key: str) -> object:
 
 def settings_clash(a: dict, b: dict, keys: tuple[str, ...]) -> dict[str, tuple]:
     """The settings among ``keys`` on which two studies differ: {key: (a's, b's)}."""
-    pairs = {k: (_setting(a, k), _setting(b, k)) for k in keys}
+    pairs = {k: (setting(a, k), setting(b, k)) for k in keys}
     return {k: v for k, v in pairs.items() if v[0] != v[1]}
 
 
