@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import shutil
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -287,6 +289,57 @@ def test_export_errors_are_one_line(tokenizer, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "file")]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_analyze_evaluate_and_sample_take_an_export_folder_or_hub_id(
+    tokenizer, tmp_path, capsys, monkeypatch
+):
+    """One reader for every command: the figures of an export folder (and of the same folder
+    as a Hub id) are the checkpoint's; what a folder does not keep is said, not invented."""
+    import huggingface_hub
+
+    ckpt, images = tokenizer
+    folder = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(folder)]) == 0
+    hub = tmp_path / "hub"
+    (hub / "someone").mkdir(parents=True)
+    shutil.copytree(folder, hub / "someone" / "tok")
+    monkeypatch.delenv("VQKIT_OFFLINE")
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(hub / repo_id)
+    )
+    sources = {"ckpt": str(ckpt), "folder": str(folder), "hub": "someone/tok"}
+    analyses, metrics = {}, {}
+    for name, source in sources.items():
+        out = tmp_path / f"analyze_{name}"
+        argv = ["analyze", "--ckpt", source, "--data", str(images), "--output-dir", str(out)]
+        assert main(argv) == 0
+        analyses[name] = json.loads((out / "summary.json").read_text())
+        out = tmp_path / f"evaluate_{name}"
+        argv = ["evaluate", "--ckpt", source, "--data", str(images), "--output-dir", str(out)]
+        assert main([*argv, "--metrics", "psnr,usage", "--no-progress"]) == 0
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert analyses["ckpt"]["images"] == len(list(images.iterdir())) > 0
+    for name in ("folder", "hub"):
+        assert analyses[name]["whole_set"] == analyses["ckpt"]["whole_set"]
+        assert metrics[name]["metrics"] == metrics["ckpt"]["metrics"]
+    assert metrics["hub"]["checkpoint"] == "someone/tok"
+    assert metrics["folder"]["checkpoint"] == str(folder.resolve())
+    # the checkpoint carries its training usage history; a folder keeps none, and says so
+    assert analyses["ckpt"]["ema_counts"] is not None
+    assert analyses["folder"]["ema_counts"] is None
+
+    out = tmp_path / "samples"
+    argv = ["sample", "--ckpt", str(folder), "--output-dir", str(out), "--num", "2"]
+    assert main([*argv, "--source", "uniform"]) == 0
+    assert np.load(out / "samples_codes.npy").shape == (2, 8, 8)
+    assert main([*argv, "--source", "usage"]) == 1
+    err = capsys.readouterr().err
+    assert "vqkit export folder" in err and "--source uniform" in err
+    # a checkpoint that is not there is named as such, never looked up on the Hub
+    assert main(["analyze", "--ckpt", "runs/none.ckpt", "--output-dir", str(tmp_path)]) == 1
+    assert "checkpoint not found: runs/none.ckpt" in capsys.readouterr().err
 
 
 # ------------------------------------------------------- inference without the training stack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .common import _add_input_args, _analysis_data, _guarded, _load_inputs
+from .common import _add_input_args, _analysis_data, _guarded, _load_inputs, _source
 
 
 def _analyze_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     )
     out = Path(args.output_dir)
     extra = {
-        "checkpoint": str(Path(args.ckpt).resolve()),
+        "checkpoint": _source(args.ckpt),
         "data": where,
         "image_size": int(size),
         "batch_size": args.batch_size,

@@ -20,7 +20,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     """The checkpoint, data and device options `analyze` and `evaluate` share."""
     # the second spellings are seed 002's `codebook_utilization_check.py` options
     p.add_argument(
-        "--ckpt", "--model_path", required=True, help="checkpoint written by `vqkit fit`"
+        "--ckpt",
+        "--model_path",
+        required=True,
+        help="the tokenizer: a `vqkit fit` checkpoint, a `vqkit export` folder or a Hub id",
     )
     p.add_argument(
         "--data",
@@ -52,13 +55,14 @@ def _load_inputs(args: argparse.Namespace):  # noqa: ANN202
 
 
 def _load_checkpoint(args: argparse.Namespace):  # noqa: ANN202
-    """(device, model on the CPU, datamodule hparams, image size) from ``args.ckpt``,
-    ``args.device`` and ``args.image_size``, the checkpoint read once."""
-    from ..training.checkpoint import load_model, read_checkpoint
+    """(device, model on the CPU, datamodule hparams, image size) from ``args.ckpt`` (a
+    ``vqkit fit`` checkpoint, a ``vqkit export`` folder or a Hub id), ``args.device`` and
+    ``args.image_size``, the tokenizer read once."""
+    from ..prior.tokenizer import read_tokenizer, tokenizer_model
 
     device = _analysis_device(args.device)
-    ckpt = read_checkpoint(args.ckpt, trust=getattr(args, "trust_checkpoint", False))
-    model = load_model(args.ckpt, checkpoint=ckpt)
+    ckpt = read_tokenizer(args.ckpt, trust=getattr(args, "trust_checkpoint", False))
+    model = tokenizer_model(args.ckpt, ckpt)
     dm_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
     model_args = (ckpt.get("hyper_parameters") or {}).get("model") or {}
     size = args.image_size or dm_hparams.get("image_size")
@@ -67,6 +71,15 @@ def _load_checkpoint(args: argparse.Namespace):  # noqa: ANN202
         raise ValueError(f"{args.ckpt} does not record its image size; pass --image-size")
     model.token_grid(int(size))  # a size the model cannot tokenize fails here, named
     return device, model, dm_hparams, int(size)
+
+
+def _source(path: str) -> str:
+    """What ``--ckpt`` named, for the records: a file or folder as an absolute path, a Hub id
+    as given."""
+    from pathlib import Path
+
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
 
 def _analysis_device(name: str | None):  # noqa: ANN202

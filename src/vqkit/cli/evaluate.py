@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .common import _add_input_args, _analysis_data, _guarded, _load_inputs
+from .common import _add_input_args, _analysis_data, _guarded, _load_inputs, _source
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "checkpoint": str(Path(args.ckpt).resolve()),
+        "checkpoint": _source(args.ckpt),
         "data": where,
         "image_size": int(size),
         "device": str(device),

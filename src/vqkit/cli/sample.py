@@ -17,7 +17,11 @@ def _sample_parser() -> argparse.ArgumentParser:
         "codes of real images (encode -> redraw or swap codes -> decode), to see what the codes "
         "mean. Not a generative model: codes are drawn independently per position.",
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `vqkit fit`")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="the tokenizer: a `vqkit fit` checkpoint, a `vqkit export` folder or a Hub id",
+    )
     p.add_argument("--output-dir", required=True, help="where the PNGs and code grids go")
     p.add_argument("--num", type=int, default=16, help="random code grids to decode (0: none)")
     p.add_argument(

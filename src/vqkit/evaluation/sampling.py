@@ -35,7 +35,8 @@ def code_distribution(model: VQModel, source: str = "usage") -> Tensor:
     if total <= 0:
         raise ValueError(
             "the model holds no validation code counts (no validation ran before this "
-            "checkpoint); use source='uniform'"
+            "checkpoint, or it was loaded from a save_pretrained / vqkit export folder, which "
+            "keeps none); use source='uniform' (vqkit sample --source uniform) or a prior"
         )
     return counts / total
 

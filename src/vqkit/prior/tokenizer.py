@@ -18,24 +18,38 @@ from pathlib import Path
 from torch import Tensor
 
 from ..models import VQModel
-from ..pretrained import tokenizer_digest
-from ..training.checkpoint import CheckpointError, load_model, load_tokenizer, read_checkpoint
+from ..pretrained import TOKENIZER_FOLDER, tokenizer_digest
+from ..training.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    read_checkpoint,
+    refuse_prior,
+)
 
 PRETRAINED_KEY = "pretrained_folder"  # set by read_tokenizer for a save_pretrained folder
+# a path with one of these suffixes is a checkpoint file, never a folder or Hub id
+_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 def read_tokenizer(path: str | Path, *, trust: bool = False) -> dict:
-    """A tokenizer as a ``vqkit fit`` checkpoint dict: the checkpoint itself, or the same keys
-    (model config, data settings, ``model.``-prefixed weights) built from a
-    ``save_pretrained`` / ``vqkit export`` folder."""
+    """A tokenizer as a ``vqkit fit`` checkpoint dict, from any place a tokenizer is kept: the
+    checkpoint itself, or the same keys (model config, data settings, ``model.``-prefixed
+    weights) built from a ``save_pretrained`` / ``vqkit export`` folder, a prior's folder (its
+    ``tokenizer/``) or a Hugging Face Hub id (``user/name``). This is the one reader every
+    command that takes a tokenizer goes through."""
     p = Path(path).expanduser()
-    if not p.is_dir():
-        return read_checkpoint(p, trust=trust)
-    from ..pretrained import PretrainedError, read_config, read_weights
+    if p.is_file() or (not p.exists() and p.suffix in _CHECKPOINT_SUFFIXES):
+        return read_checkpoint(p, trust=trust)  # a missing checkpoint: its own error
+    from ..pretrained import PretrainedError, read_config, read_weights, resolve_folder
 
     try:
-        config = read_config(p, "tokenizer")
-        state = read_weights(p)
+        folder = resolve_folder(path)
+        config = read_config(folder)
+        if config["vqkit"].get("kind") == "prior":  # a prior's folder: the tokenizer it holds
+            folder = folder / str(config.get("tokenizer", TOKENIZER_FOLDER))
+        config = read_config(folder, "tokenizer")
+        state = read_weights(folder)
     except PretrainedError as e:
         raise CheckpointError(str(e)) from None
     data = dict((config.get("trained_with") or {}).get("data") or {})
@@ -49,16 +63,26 @@ def read_tokenizer(path: str | Path, *, trust: bool = False) -> dict:
         },
         "datamodule_hyper_parameters": data,
         "state_dict": {f"model.{k}": v for k, v in state.items()},
-        PRETRAINED_KEY: str(p),
+        PRETRAINED_KEY: str(folder),
     }
 
 
-def tokenizer_model(path: str | Path, ckpt: dict) -> VQModel:
-    """The ``VQModel`` of a ``read_tokenizer`` dict, in eval mode."""
+def tokenizer_model(path: str | Path, ckpt: dict, *, training_state: bool = True) -> VQModel:
+    """The ``VQModel`` of a ``read_tokenizer`` dict, in eval mode, on the CPU.
+
+    From a checkpoint, ``training_state=True`` rebuilds the training module as ``vqkit fit``
+    wrote it, usage counts, EMA statistics and maintenance included (what ``vqkit analyze``
+    reads); ``False`` builds only what inference needs, without jsonargparse. A folder holds no
+    training state: its model is the same either way."""
     folder = ckpt.get(PRETRAINED_KEY)
     if folder is not None:
         return VQModel.from_pretrained(folder)
-    return load_model(path, checkpoint=ckpt)
+    refuse_prior(ckpt, path)
+    if training_state:
+        return load_model(path, checkpoint=ckpt)
+    from ..training.export import tokenizer_from_checkpoint_dict
+
+    return tokenizer_from_checkpoint_dict(ckpt, str(path))
 
 
 def tokenizer_image_size(ckpt: dict) -> int:

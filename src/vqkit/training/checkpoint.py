@@ -178,6 +178,17 @@ def check_checkpoint_fits(path: str | Path, module: nn.Module) -> None:
         raise CheckpointError(f"{path} is not a checkpoint of this model: " + "; ".join(problems))
 
 
+def refuse_prior(ckpt: dict, path: str | Path) -> None:
+    """Raise if ``ckpt`` is a prior's checkpoint (``vqkit prior fit``) where a tokenizer's is
+    expected."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "tokenizer" in hparams and "model" not in hparams:
+        raise CheckpointError(
+            f"{path} is a prior checkpoint (vqkit prior), not a tokenizer's; pass it to "
+            "vqkit sample --prior"
+        )
+
+
 def load_tokenizer(
     path: str | Path,
     *,
@@ -204,12 +215,8 @@ def load_tokenizer(
     # Lightning's instantiation turns the config's dicts into Namespaces in place: a copy, so
     # the caller's checkpoint dict stays plain (and saveable with weights_only readers)
     ckpt = {**ckpt, "hyper_parameters": copy.deepcopy(ckpt.get("hyper_parameters") or {})}
+    refuse_prior(ckpt, path)
     hparams = dict(ckpt["hyper_parameters"])
-    if "tokenizer" in hparams and "model" not in hparams:
-        raise CheckpointError(
-            f"{path} is a prior checkpoint (vqkit prior), not a tokenizer's; pass it to "
-            "vqkit sample --prior"
-        )
     if model is None and "model" not in hparams:
         raise CheckpointError(
             f"{path} does not record its model config (it was not written by `vqkit fit`); "

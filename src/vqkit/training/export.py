@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,10 @@ from torch import Tensor
 from ..configurable import ConfigError, build
 from ..models import VQModel
 from ..pretrained import (
-    CONFIG_NAME,
     PretrainedError,
     inference_model_config,
     is_training_state,
     load_weights,
-    read_config,
     tokenizer_digest,
 )
 from .checkpoint import CheckpointError, read_checkpoint
@@ -36,6 +34,8 @@ class LoadedTokenizer:
     square: str
     sha256: str
     source: str
+    checkpoint: dict = field(default_factory=dict, repr=False)
+    """The ``vqkit fit`` checkpoint dict it was read from (for a folder: the same keys)."""
 
 
 def _model_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -62,12 +62,6 @@ def tokenizer_from_checkpoint_dict(ckpt: dict, source: str) -> VQModel:
     except PretrainedError as e:
         raise CheckpointError(str(e)) from None
     return model.eval()
-
-
-def _image_size(ckpt: dict) -> int:
-    from ..prior.tokenizer import tokenizer_image_size
-
-    return tokenizer_image_size(ckpt)
 
 
 def find_summary(ckpt_path: Path, levels: int = 4) -> dict | None:
@@ -145,9 +139,11 @@ def export_checkpoint(
     expected = tokenizer_digest(_model_state(ckpt["state_dict"]))
     if tokenizer_digest(model) != expected:  # the config built another model
         raise CheckpointError(f"{ckpt_path}: the rebuilt tokenizer does not hash like its weights")
+    from ..prior.tokenizer import tokenizer_image_size
+
     return model.save_pretrained(
         out,
-        image_size=_image_size(ckpt),
+        image_size=tokenizer_image_size(ckpt),
         square=(ckpt.get("datamodule_hyper_parameters") or {}).get("square", "crop"),
         trained_with=_trained_with(ckpt),
         summary=summary,
@@ -192,32 +188,29 @@ def _export_prior(
     return prior.save_pretrained(out, trained_with=trained_with, summary=summary, command=command)
 
 
-def load_any_tokenizer(path: str | os.PathLike, *, trust: bool = False) -> LoadedTokenizer:
-    """A tokenizer from a ``save_pretrained`` folder (or Hub id) or a ``vqkit fit``
-    checkpoint, on the CPU in eval mode."""
-    from ..pretrained import resolve_folder
+def load_any_tokenizer(
+    path: str | os.PathLike, *, trust: bool = False, training_state: bool = False
+) -> LoadedTokenizer:
+    """A tokenizer from a ``vqkit fit`` checkpoint, a ``save_pretrained`` / ``vqkit export``
+    folder, a prior's folder or a Hub id, on the CPU in eval mode (read by
+    ``vqkit.prior.tokenizer.read_tokenizer``, the one reader). ``training_state``: keep a
+    checkpoint's usage counts and maintenance state (a folder has none)."""
+    from ..prior.tokenizer import (
+        PRETRAINED_KEY,
+        read_tokenizer,
+        tokenizer_image_size,
+        tokenizer_model,
+    )
 
-    p = Path(path).expanduser()
-    if p.is_file():
-        ckpt = read_checkpoint(p, trust=trust)
-        hp = ckpt.get("hyper_parameters") or {}
-        if "tokenizer" in hp and "model" not in hp:
-            raise CheckpointError(f"{p} is a prior checkpoint, not a tokenizer's")
-        model = tokenizer_from_checkpoint_dict(ckpt, str(p))
-        square = (ckpt.get("datamodule_hyper_parameters") or {}).get("square", "crop")
-        return LoadedTokenizer(model, _image_size(ckpt), square, tokenizer_digest(model), str(p))
-    folder = resolve_folder(path)
-    config = read_config(folder)
-    if config["vqkit"].get("kind") == "prior":  # a prior's folder: its tokenizer
-        folder = folder / str(config.get("tokenizer", "tokenizer"))
-        config = read_config(folder)
-    if config["vqkit"].get("kind") != "tokenizer":
-        raise PretrainedError(f"{folder / CONFIG_NAME} holds a {config['vqkit'].get('kind')}")
-    model = VQModel.from_pretrained(folder)
+    ckpt = read_tokenizer(path, trust=trust)
+    model = tokenizer_model(path, ckpt, training_state=training_state)
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    source = str(ckpt.get(PRETRAINED_KEY) or Path(path).expanduser())
     return LoadedTokenizer(
         model,
-        int(config["image_size"]),
-        str(config.get("square", "crop")),
+        tokenizer_image_size(ckpt),
+        str(data.get("square", "crop")),
         tokenizer_digest(model),
-        str(folder),
+        source,
+        ckpt,
     )
