@@ -98,6 +98,49 @@ def test_model_takes_the_seed_001_drop_in_quantizer():
     assert out.per_sample.tokens.sum() == len(coords)
 
 
+@pytest.mark.parametrize("drop_in", [False, True])
+def test_a_trained_sdf_tokenizer_saves_and_loads_with_the_same_codes(tmp_path, drop_in):
+    """save_pretrained / from_pretrained (and load_pretrained) of the 3D model, with vqkit's
+    quantizer or the seed-001 drop-in: the same codes and reconstructions bit for bit, no
+    training state in the folder, altered weights refused."""
+    from safetensors.torch import load_file, save_file
+
+    from vqkit import KMeansInit
+    from vqkit.pretrained import PretrainedError, load_pretrained
+
+    torch.manual_seed(0)
+    if drop_in:
+        vq = SparseVectorQuantizer(64, 16, kmeans_init=True, reservoir_size=64)
+    else:
+        vq = VectorQuantizer(
+            16, 64, channel_first=False, ema=EMAUpdate(), maintenance=[KMeansInit(0, 64)]
+        )
+    model = _model(vq).train()
+    coords = _sites(150, batch=3, grid=6)
+    values = torch.rand(len(coords), 8) * 2 - 1
+    for _ in range(3):  # k-means init, then EMA steps: the codebook moved, statistics exist
+        model(values, coords)
+    assert int(model.quantizer.num_replacements) > 0
+    model.eval()
+    folder = model.save_pretrained(tmp_path / "sdf")
+    saved = load_file(folder / "model.safetensors")
+    assert not any(k.startswith(("vq.usage.", "vq.reservoirs.", "vq.ema.")) for k in saved)
+    for loaded in (SparseSDFVQVAE.from_pretrained(folder), load_pretrained(folder)):
+        assert isinstance(loaded, SparseSDFVQVAE) and isinstance(loaded.vq, VectorQuantizer)
+        assert loaded.quantizer.ema is None and list(loaded.quantizer.maintenance) == []
+        codes = model.tokenize(values, coords)
+        assert torch.equal(loaded.tokenize(values, coords), codes)
+        assert torch.equal(
+            loaded.decode_indices(codes, coords), model.decode_indices(codes, coords)
+        )
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vqkit"]["kind"] == "sdf_tokenizer" and config["codebook_size"] == 64
+    saved["vq.codebook"] = saved["vq.codebook"] + 1
+    save_file(saved, folder / "model.safetensors")
+    with pytest.raises(PretrainedError, match="do not hash to the sha256"):
+        SparseSDFVQVAE.from_pretrained(folder)
+
+
 def test_model_refuses_mismatched_shapes():
     import pytest
 
@@ -224,8 +267,26 @@ def test_vqkit_fit_trains_the_sparse_sdf_example(tmp_path, monkeypatch, capsys):
 
     with Image.open(picture) as im:
         assert im.height > 3 * 128  # title + 3 rows (2 validation shapes, 1 held out)
-    assert list(root.rglob("last.ckpt"))
     assert "held_out: stand-in mesh" in capsys.readouterr().out
+
+    # `vqkit export` of the checkpoint: the 3D tokenizer's folder gives the checkpoint's codes
+    from vqkit.pretrained import load_pretrained
+    from vqkit.training import load_tokenizer
+
+    ckpt = next(root.rglob("last.ckpt"))
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    trained = load_tokenizer(ckpt).model.eval()
+    loaded = load_pretrained(out)
+    assert isinstance(loaded, SparseSDFVQVAE)
+    coords = _sites(150, batch=2, grid=trained.grid)
+    values = torch.rand(len(coords), trained.patch**3) * 2 - 1
+    codes = trained.tokenize(values, coords)
+    assert torch.equal(loaded.tokenize(values, coords), codes)
+    assert torch.equal(loaded.decode_indices(codes, coords), trained.decode_indices(codes, coords))
+    card = (out / "README.md").read_text()
+    assert "from vqkit.models import SparseSDFVQVAE" in card
+    assert 'SparseSDFVQVAE.from_pretrained("path/or/user-repo")' in card
 
 
 def test_bad_settings_of_the_data_and_training_modules_name_the_problem():

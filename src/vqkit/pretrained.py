@@ -196,7 +196,9 @@ def load_weights(module: nn.Module, state: Mapping[str, Tensor], source: str) ->
     one must be quantizer training state (which a saved folder leaves out)."""
     expected = module.state_dict()
     unexpected = sorted(set(state) - set(expected))
-    quantizer_prefix = "quantizer." if any(k.startswith("quantizer.") for k in expected) else ""
+    quantizer_prefix = getattr(module, "pretrained_quantizer_prefix", None)
+    if quantizer_prefix is None:
+        quantizer_prefix = "quantizer." if any(k.startswith("quantizer.") for k in expected) else ""
     missing = sorted(
         k for k in set(expected) - set(state) if not is_training_state(k, quantizer_prefix)
     )
@@ -267,20 +269,29 @@ def model_card(
         "tokenizer": ("vqkit.models", "VQModel"),
         "quantizer": ("vqkit", "VectorQuantizer"),
         "prior": ("vqkit.prior.transformer", "CodeTransformer"),
-    }.get(kind, ("vqkit.pretrained", "load_pretrained"))
+        "sdf_tokenizer": ("vqkit.models", "SparseSDFVQVAE"),
+    }.get(kind)
+    load = f"{loader[1]}.from_pretrained" if loader else "load_pretrained"
     lines += [
         "",
         "## Use",
         "",
         "```python",
-        f"from {loader[0]} import {loader[1]}",
+        f"from {loader[0]} import {loader[1]}"
+        if loader
+        else "from vqkit.pretrained import load_pretrained",
         "",
-        f'model = {loader[1]}.from_pretrained("path/or/user-repo")',
+        f'model = {load}("path/or/user-repo")',
     ]
     if kind == "tokenizer":
         lines += [
             "codes = model.encode(images)          # images (B, 3, H, W) in [-1, 1]",
             "recon = model.decode_indices(codes)   # back to images",
+        ]
+    if kind == "sdf_tokenizer":
+        lines += [
+            "codes = model.tokenize(values, coords)      # patches (N, patch^3), (N, 4) coords",
+            "sdf = model.decode_indices(codes, coords)   # back to normalized SDF values",
         ]
     lines += ["```", ""]
     if summary:
@@ -305,12 +316,14 @@ class PretrainedMixin:
     ``pretrained_config`` (what rebuilds them) and ``pretrained_facts`` (extra config keys)."""
 
     pretrained_kind: ClassVar[str] = "model"
+    # where the quantizer's state sits in the state dict ("": this module is the quantizer)
+    pretrained_quantizer_prefix: ClassVar[str] = ""
 
     def pretrained_config(self) -> dict:
         return to_config(self, type(self).__name__)
 
     def pretrained_state_dict(self) -> dict[str, Tensor]:
-        prefix = "quantizer." if self.pretrained_kind == "tokenizer" else ""
+        prefix = self.pretrained_quantizer_prefix
         state = self.state_dict()  # type: ignore[attr-defined]
         return {k: v for k, v in state.items() if not is_training_state(k, prefix)}
 
@@ -447,8 +460,9 @@ def upload_folder(
 def load_pretrained(
     path_or_repo: str | os.PathLike, *, map_location: str | torch.device = "cpu", **kwargs: Any
 ):  # noqa: ANN201
-    """Whatever ``path_or_repo`` holds: a ``VQModel`` (tokenizer), a ``VectorQuantizer``, or a
-    ``PretrainedPrior`` (the prior's transformer with its tokenizer)."""
+    """Whatever ``path_or_repo`` holds: a ``VQModel`` (tokenizer), a ``VectorQuantizer``, a
+    ``PretrainedPrior`` (the prior's transformer with its tokenizer) or a ``SparseSDFVQVAE``
+    (a 3D shape tokenizer)."""
     folder = resolve_folder(path_or_repo, **kwargs)
     kind = read_config(folder).get("vqkit", {}).get("kind")
     if kind == "tokenizer":
@@ -463,4 +477,8 @@ def load_pretrained(
         from .prior.pretrained import PretrainedPrior
 
         return PretrainedPrior.from_pretrained(folder, map_location=map_location)
+    if kind == "sdf_tokenizer":
+        from .models.sparse3d import SparseSDFVQVAE
+
+        return SparseSDFVQVAE.from_pretrained(folder, map_location=map_location)
     raise PretrainedError(f"{folder} holds a {kind!r}, which this vqkit cannot load")

@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..configurable import Configurable
+from ..configurable import Configurable, to_config
 from ..integrations.sparse import SampleUsage, SparseVectorQuantizer, sample_usage
+from ..pretrained import (
+    PretrainedError,
+    PretrainedMixin,
+    inference_quantizer_config,
+    is_training_state,
+    tokenizer_digest,
+)
 from ..quantize.quantizer import VectorQuantizer
 
 _OFFSETS = torch.tensor(
@@ -133,8 +142,14 @@ class SparseSDFOutput:
     passthrough: bool
 
 
-class SparseSDFVQVAE(Configurable, nn.Module):
+class SparseSDFVQVAE(Configurable, PretrainedMixin, nn.Module):
     """Encoder, quantizer and decoder over the active patches of truncated SDF grids.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``vqkit.pretrained``) write and
+    read it as ``config.json`` + ``model.safetensors`` (kind ``"sdf_tokenizer"``), as an image
+    tokenizer: the weights and the codebook, no EMA, maintenance or usage state; a model built
+    on the seed-001 drop-in is saved with the plain ``VectorQuantizer`` inside it (the same
+    codes).
 
     Args:
         quantizer: a ``VectorQuantizer`` with ``channel_first=False`` and ``dim == token_dim``,
@@ -181,6 +196,51 @@ class SparseSDFVQVAE(Configurable, nn.Module):
         """The ``VectorQuantizer`` (inside a ``SparseVectorQuantizer`` when given one)."""
         vq = self.vq
         return vq.quantizer if isinstance(vq, SparseVectorQuantizer) else vq
+
+    # ------------------------------------------------------------------------- pretrained
+    pretrained_kind = "sdf_tokenizer"
+    pretrained_quantizer_prefix = "vq."
+
+    def pretrained_config(self) -> dict:
+        """This model's config with the inner ``VectorQuantizer``'s, less what only training
+        uses, as its quantizer."""
+        config = to_config(self, type(self).__name__)
+        quantizer = to_config(self.quantizer, "quantizer")
+        config["init_args"]["quantizer"] = inference_quantizer_config(quantizer)
+        return config
+
+    def pretrained_state_dict(self) -> dict[str, Tensor]:
+        inner = "vq.quantizer." if isinstance(self.vq, SparseVectorQuantizer) else "vq."
+        out = {}
+        for key, value in self.state_dict().items():
+            if key.startswith(inner):
+                key = "vq." + key[len(inner) :]
+                if is_training_state(key, "vq."):
+                    continue
+            elif key.startswith("vq."):
+                continue  # the drop-in's own bookkeeping
+            out[key] = value
+        return out
+
+    def pretrained_facts(self, **facts: Any) -> dict:
+        """Patch and grid sizes, codebook shape and the sha256 of the saved weights."""
+        out = {
+            "patch": self.patch,
+            "grid": self.grid,
+            "token_dim": self.token_dim,
+            "codebook_size": self.quantizer.codebook_size,
+            "sha256": tokenizer_digest(self.pretrained_state_dict()),
+        }
+        out.update({k: v for k, v in facts.items() if v is not None})
+        return out
+
+    def _check_loaded(self, folder: Path, config: dict) -> None:
+        recorded, actual = config.get("sha256"), tokenizer_digest(self.pretrained_state_dict())
+        if recorded is not None and actual != recorded:
+            raise PretrainedError(
+                f"the weights in {folder} do not hash to the sha256 its config.json records "
+                f"({actual[:12]} != {str(recorded)[:12]}): altered or damaged"
+            )
 
     def neighbors(self, coords: Tensor) -> Tensor:
         return neighbor_table(coords, self.grid)

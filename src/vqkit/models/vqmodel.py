@@ -76,6 +76,7 @@ class VQModel(Configurable, PretrainedMixin, nn.Module):
         self.post_quant_conv = nn.Conv2d(quantizer.dim, decoder.z_channels, 1)
 
     pretrained_kind = "tokenizer"
+    pretrained_quantizer_prefix = "quantizer."
 
     @property
     def down_factor(self) -> int:

@@ -135,6 +135,11 @@ def export_checkpoint(
     hp = ckpt.get("hyper_parameters") or {}
     if "tokenizer" in hp and "model" not in hp:
         return _export_prior(ckpt, ckpt_path, Path(out), summary, command)
+    model_config = hp.get("model")
+    if isinstance(model_config, dict) and str(model_config.get("class_path")).endswith(
+        ".SparseSDFVQVAE"
+    ):
+        return _export_sdf(ckpt, ckpt_path, Path(out), summary, command)
     model = tokenizer_from_checkpoint_dict(ckpt, str(ckpt_path))
     expected = tokenizer_digest(_model_state(ckpt["state_dict"]))
     if tokenizer_digest(model) != expected:  # the config built another model
@@ -148,6 +153,30 @@ def export_checkpoint(
         trained_with=_trained_with(ckpt),
         summary=summary,
         command=command,
+    )
+
+
+def _export_sdf(ckpt: dict, ckpt_path: Path, out: Path, summary: dict, command: str | None) -> Path:
+    """A sparse SDF tokenizer (``configs/sparse3d``): built from its full config (its quantizer
+    may be the seed-001 drop-in, whose arguments are not ``VectorQuantizer``'s), the
+    checkpoint's weights loaded, saved without training state by ``save_pretrained``."""
+    from ..models.sparse3d import SparseSDFVQVAE
+
+    try:
+        model = build(ckpt["hyper_parameters"]["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt_path}: cannot rebuild its model ({e})") from None
+    if not isinstance(model, SparseSDFVQVAE):
+        raise CheckpointError(f"{ckpt_path} holds a {type(model).__name__}")
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    try:
+        load_weights(model, state, str(ckpt_path))
+    except PretrainedError as e:
+        raise CheckpointError(str(e)) from None
+    return model.eval().save_pretrained(
+        out, trained_with=_trained_with(ckpt), summary=summary, command=command
     )
 
 
