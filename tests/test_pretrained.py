@@ -16,7 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vqkit import DeadCodeRestart, EMAUpdate, EntropyPenalty, KMeansInit, VectorQuantizer
+from vqkit import (
+    DeadCodeRestart,
+    EMAUpdate,
+    EntropyPenalty,
+    KMeansInit,
+    VectorQuantizer,
+)
 from vqkit.cli import main
 from vqkit.configurable import ConfigError, build, to_config
 from vqkit.models import ResNetVQModel, VQModel
@@ -28,6 +34,7 @@ from vqkit.pretrained import (
     tokenizer_digest,
 )
 from vqkit.prior import CodeTransformer, PretrainedPrior
+from vqkit.quantize import NonFiniteError
 
 
 def _model(ema: bool = True, **quantizer_kwargs) -> VQModel:  # noqa: ANN003
@@ -218,6 +225,39 @@ def test_hub_ids_go_through_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(PretrainedError, match=r"install huggingface_hub \(pip install"):
         VQModel.from_pretrained("someone/other")
+
+
+def test_encode_and_decode_export_as_torch_programs_with_a_dynamic_batch():
+    """torch.export traces encode / decode_indices (the quantizer's data checks are left out of
+    the trace, and only there); the programs give the module's codes and images bitwise."""
+    from torch.export import Dim
+
+    model = _model(ema=True).eval()
+
+    class Call(torch.nn.Module):
+        def __init__(self, fn):  # noqa: ANN001
+            super().__init__()
+            self.model, self.fn = model, fn
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return getattr(self.model, self.fn)(x)
+
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    codes = model.encode(images)
+    dynamic = {"x": {0: Dim("batch", min=2, max=32)}}
+    with torch.no_grad():
+        enc = torch.export.export(Call("encode"), (images,), dynamic_shapes=dynamic)
+        dec = torch.export.export(Call("decode_indices"), (codes,), dynamic_shapes=dynamic)
+    for n in (2, 5, 32):
+        x = torch.rand(n, 3, 16, 16) * 2 - 1
+        c = model.encode(x)
+        assert torch.equal(enc.module()(x), c)
+        assert torch.equal(dec.module()(c), model.decode_indices(c))
+    # eager calls still check their input
+    with pytest.raises(ValueError, match="indices must be in"):
+        model.decode_indices(codes + 10_000)
+    with pytest.raises(NonFiniteError):
+        model.encode(torch.full_like(images, float("nan")))
 
 
 # --------------------------------------------------------------- vqkit export of real runs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -580,9 +581,12 @@ class VectorQuantizer(Configurable, PretrainedMixin, nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Indices of the nearest codes; deterministic, touches no statistics."""
         flat, lead = self._flatten(x)
-        if self.check_finite:
+        # the input checks read data: torch.export / torch.compile trace without them
+        if self.check_finite and not torch.compiler.is_compiling():
             self._check_finite(flat)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # fp32 under AMP; an exported program runs without autocast (and cannot save its node)
+        exporting = torch.compiler.is_exporting()
+        with nullcontext() if exporting else torch.autocast(x.device.type, enabled=False):
             z = self._to_code_space(flat.float())
             idx, _ = nearest(
                 z, self.effective_codebook(), max_block=self.max_block, return_distances=False
@@ -593,7 +597,8 @@ class VectorQuantizer(Configurable, PretrainedMixin, nn.Module):
         """Code vectors for ``indices``, projected back to ``dim``, in the quantizer's layout."""
         if indices.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+        checked = indices.numel() and not torch.compiler.is_compiling()
+        if checked and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(
                 f"indices must be in [0, {self.codebook_size}), got range "
                 f"[{int(indices.min())}, {int(indices.max())}]"
