@@ -12,6 +12,7 @@ from vqkit import (
     VectorQuantizer,
     kmeans,
 )
+from vqkit.quantize import default_reservoir_size
 
 
 def blobs(n, k, d, seed=0, spread=0.05):
@@ -294,6 +295,26 @@ def test_init_and_reestimation_share_one_reservoir():
     )
     fresh.load_state_dict(old)
     assert torch.equal(fresh.maintenance[0].reservoir.contents(), init.reservoir.contents())
+
+
+def test_default_reservoir_is_four_vectors_per_code_at_least_16384():
+    """reservoir_size=None: max(16,384, 4 x K) for every strategy that keeps one, so init and
+    re-estimation share it at any codebook size; the describe line says the real size."""
+    for k, want in ((8, 16384), (4096, 16384), (8192, 32768)):
+        init, re = KMeansInit(), KMeansReestimate(every=3)
+        restart = DeadCodeRestart(source="reservoir")
+        vq = VectorQuantizer(2, k, maintenance=[init, re, restart])
+        assert init.reservoir is re.reservoir is restart.reservoir and len(vq.reservoirs) == 1
+        assert init.reservoir.size == want == default_reservoir_size(k)
+        assert (init.reservoir_size, re.reservoir_size) == (None, None)  # the argument, as given
+        assert f"{want}-vector reservoir" in re.describe(vq)
+    explicit = KMeansInit(reservoir_size=100)
+    VectorQuantizer(2, 8, maintenance=[explicit])
+    assert explicit.reservoir.size == 100
+    with pytest.raises(ValueError, match=r"reservoir_size \(4\) must be >= codebook_size \(8\)"):
+        VectorQuantizer(2, 8, maintenance=[KMeansInit(reservoir_size=4)])
+    with pytest.raises(ValueError, match="reservoir_size must be > 0"):
+        KMeansReestimate(reservoir_size=0)
 
 
 def test_kmeans_init_starts_the_usage_average_a_restart_reads():

@@ -149,6 +149,12 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
         if isinstance(m, KMeansReestimate):
             assert (m.mode, new.mode) == ("dead", "full")
             mine.pop("mode"), theirs.pop("mode")
+        if isinstance(m, (KMeansInit, KMeansReestimate)):
+            # the study's rule (16,384, 2 per code) and the library's default (None: 4 per
+            # code, at least 16,384) hold the same 16,384 vectors at this K
+            assert (m.reservoir_size, new.reservoir_size) == (16384, None)
+            assert m.reservoir.size == new.reservoir.size == 16384
+            mine.pop("reservoir_size"), theirs.pop("reservoir_size")
         simple = (int, float, str, bool, tuple, type(None))
         assert {k: v for k, v in mine.items() if isinstance(v, simple)} == {
             k: v for k, v in theirs.items() if isinstance(v, simple)
@@ -156,17 +162,25 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
 
 
 def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: dict) -> None:
-    """At K beyond half the quickstart's 16,384-vector reservoir, the default's and VQFR's
-    reservoirs grow to 2K (k-means needs more vectors than codes); the avatar study writes
-    large_k_study.json / .md beside the emoji study's."""
+    """At large K the default's reservoir is the library's (4 vectors per code, one reservoir
+    shared by init and re-estimation); the other rows keep the study's rule, 2 per code past
+    K = 8,192, as they were measured. The avatar study writes large_k_study.json / .md beside
+    the emoji study's."""
     from benchmarks.utilization.report import paths_for
 
-    for k, want in ((8192, 16384), (16384, 32768)):
-        for name in ("default", "vqfr_full"):
-            q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
-            kmeans = (KMeansInit, KMeansReestimate)
-            sizes = [m.reservoir_size for m in q.maintenance if isinstance(m, kmeans)]
-            assert sizes and set(sizes) == {want}, (name, k, sizes)
+    wants = {
+        (8192, "default"): 32768,
+        (16384, "default"): 65536,
+        (8192, "vqfr_full"): 16384,
+        (16384, "vqfr_full"): 32768,
+        (16384, "dead_restart"): 32768,
+    }
+    for (k, name), want in wants.items():
+        q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
+        kmeans = (KMeansInit, KMeansReestimate)
+        reservoirs = [m.reservoir for m in q.maintenance if isinstance(m, kmeans)]
+        assert len(reservoirs) == 2 and reservoirs[0] is reservoirs[1], (name, k)
+        assert reservoirs[0].size == want, (name, k, reservoirs[0].size)
     assert paths_for("emoji") == (JSON_REL, MD_REL)
     assert [p.name for p in paths_for("avatars")] == ["large_k_study.json", "large_k_study.md"]
     with pytest.raises(SystemExit):

@@ -78,17 +78,27 @@ def scale_steps(n: int, scale: float, floor: int = 1) -> int:
     return max(floor, round(n * scale)) if n else n
 
 
-def _scaled_quantizer_config(qcfg: dict, codebook_size: int, scale: float) -> dict:
+# Every row but the default keeps the reservoir its stored runs were measured with: 16,384
+# vectors, grown to 2 per code past K = 8,192 (the quickstart's default too until commit 49bf8b1).
+STUDY_RESERVOIR, STUDY_RESERVOIR_PER_CODE = 16384, 2
+
+
+def _scaled_quantizer_config(
+    qcfg: dict, codebook_size: int, scale: float, *, pin_reservoir: bool = True
+) -> dict:
     """The YAML's quantizer with another codebook size and its step counts times ``scale``.
 
-    k-means needs more samples than codes: a reservoir smaller than ``2 * codebook_size`` is
-    grown to it (the quickstart's 16,384 serves K <= 8,192 unchanged)."""
+    ``pin_reservoir``: every reservoir holds ``max(16384, 2 * codebook_size)`` vectors, the
+    rule the stored rows were measured with; False keeps the YAML's own (null: the library's
+    default, ``vqkit.quantize.maintenance.default_reservoir_size``)."""
     q = copy.deepcopy(qcfg)
     q["init_args"]["codebook_size"] = codebook_size
     for m in q["init_args"].get("maintenance", []):
         a = m.setdefault("init_args", {})
-        if "reservoir_size" in a:
-            a["reservoir_size"] = max(a["reservoir_size"], 2 * codebook_size)
+        if "reservoir_size" in a and pin_reservoir:
+            a["reservoir_size"] = max(
+                a["reservoir_size"] or STUDY_RESERVOIR, STUDY_RESERVOIR_PER_CODE * codebook_size
+            )
         if scale != 1.0:
             for key in ("warmup_steps", "every", "until"):
                 if key in a:
@@ -139,10 +149,13 @@ def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
     return KMeansReestimate(**args)
 
 
-def _default_with(ctx: Ctx, **reestimate: Any) -> VectorQuantizer:
+def _default_with(ctx: Ctx, *, pin_reservoir: bool = False, **reestimate: Any) -> VectorQuantizer:
     """The quickstart's quantizer, its schedules scaled by ``ctx.scale``, with ``reestimate``
-    overriding its ``KMeansReestimate`` arguments (none: the default row)."""
-    q = _scaled_quantizer_config(ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale)
+    overriding its ``KMeansReestimate`` arguments (none: the default row); ``pin_reservoir``:
+    the study's reservoir rule instead of the YAML's (see ``_scaled_quantizer_config``)."""
+    q = _scaled_quantizer_config(
+        ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale, pin_reservoir=pin_reservoir
+    )
     for m in q["init_args"].get("maintenance", []):
         if m["class_path"].rsplit(".", 1)[-1] == "KMeansReestimate":
             m.setdefault("init_args", {}).update(reestimate)
@@ -251,14 +264,24 @@ ROWS: dict[str, Row] = {
         11,
         "vqkit default (quickstart)",
         lambda c: _default_with(c),
-        "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser",
+        "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser "
+        "(reservoirs of 4 vectors per code, at least 16,384; its runs with 2 per code, made "
+        "before, are row 13)",
     ),
     "dead_restart": Row(
         12,
         "dead-mode re-estimation + restart (the default until 2026-11-29)",
-        lambda c: _default_with(c, mode="dead"),
+        lambda c: _default_with(c, mode="dead", pin_reservoir=True),
         "row 11 with KMeansReestimate(mode='dead'): only codes unused since the last "
-        "re-estimation are re-placed, dead-code restart in between",
+        "re-estimation are re-placed, dead-code restart in between; reservoirs of "
+        "max(16,384, 2 per code) vectors, as the default had then",
+    ),
+    "full_res2": Row(
+        13,
+        "default with 2-per-code reservoirs (the default of commits 4d11768-49bf8b1)",
+        lambda c: _default_with(c, pin_reservoir=True),
+        "row 11 with reservoirs of max(16,384, 2 per code) vectors: the same quantizer as row "
+        "11 up to K = 4,096 (16,384 vectors either way), half its reservoir beyond",
     ),
 }
 

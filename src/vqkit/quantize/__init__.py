@@ -10,6 +10,7 @@ from .maintenance import (
     LowUsageReset,
     Maintenance,
     MaintenanceEvent,
+    default_reservoir_size,
 )
 from .quantizer import NonFiniteError, QuantizerOutput, VectorQuantizer, reset_optimizer_state
 from .regularizers import EntropyPenalty, Regularizer
@@ -34,6 +35,7 @@ __all__ = [
     "ReservoirSampler",
     "UsageStats",
     "VectorQuantizer",
+    "default_reservoir_size",
     "kmeans",
     "kmeans_plusplus",
     "nearest",
