@@ -411,7 +411,17 @@ class PretrainedMixin:
         return model.to(map_location).eval()
 
     def _check_loaded(self, folder: Path, config: dict) -> None:
-        """A subclass's checks after loading (a tokenizer's digest)."""
+        """After loading: weights that do not hash to the ``sha256`` the config records (a
+        tokenizer's, digest of ``pretrained_state_dict``) are refused; subclasses add checks."""
+        recorded = config.get("sha256")
+        if recorded is None:
+            return
+        actual = tokenizer_digest(self.pretrained_state_dict())
+        if actual != recorded:
+            raise PretrainedError(
+                f"the weights in {folder} do not hash to the sha256 its config.json records "
+                f"({actual[:12]} != {str(recorded)[:12]}): altered or damaged"
+            )
 
     def push_to_hub(
         self,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from torch import Tensor, nn
 from ..configurable import Configurable, to_config
 from ..integrations.sparse import SampleUsage, SparseVectorQuantizer, sample_usage
 from ..pretrained import (
-    PretrainedError,
     PretrainedMixin,
     inference_quantizer_config,
     is_training_state,
@@ -233,14 +231,6 @@ class SparseSDFVQVAE(Configurable, PretrainedMixin, nn.Module):
         }
         out.update({k: v for k, v in facts.items() if v is not None})
         return out
-
-    def _check_loaded(self, folder: Path, config: dict) -> None:
-        recorded, actual = config.get("sha256"), tokenizer_digest(self.pretrained_state_dict())
-        if recorded is not None and actual != recorded:
-            raise PretrainedError(
-                f"the weights in {folder} do not hash to the sha256 its config.json records "
-                f"({actual[:12]} != {str(recorded)[:12]}): altered or damaged"
-            )
 
     def neighbors(self, coords: Tensor) -> Tensor:
         return neighbor_table(coords, self.grid)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..configurable import Configurable, to_config
-from ..pretrained import PretrainedError, PretrainedMixin, inference_model_config, tokenizer_digest
+from ..pretrained import PretrainedMixin, inference_model_config, tokenizer_digest
 from ..quantize.quantizer import VectorQuantizer
 from .autoencoder import Decoder, Encoder
 
@@ -102,14 +101,6 @@ class VQModel(Configurable, PretrainedMixin, nn.Module):
         }
         out.update({k: v for k, v in facts.items() if v is not None})
         return out
-
-    def _check_loaded(self, folder: Path, config: dict) -> None:
-        recorded = config.get("sha256")
-        if recorded is not None and tokenizer_digest(self) != recorded:
-            raise PretrainedError(
-                f"the weights in {folder} do not hash to the sha256 its config.json records "
-                f"({tokenizer_digest(self)[:12]} != {str(recorded)[:12]}): altered or damaged"
-            )
 
     def token_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the token map of an image of ``image_size`` (an int means square)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,6 @@ class LoadedTokenizer:
     square: str
     sha256: str
     source: str
-    checkpoint: dict = field(default_factory=dict, repr=False)
-    """The ``vqkit fit`` checkpoint dict it was read from (for a folder: the same keys)."""
 
 
 def _model_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -217,13 +215,10 @@ def _export_prior(
     return prior.save_pretrained(out, trained_with=trained_with, summary=summary, command=command)
 
 
-def load_any_tokenizer(
-    path: str | os.PathLike, *, trust: bool = False, training_state: bool = False
-) -> LoadedTokenizer:
+def load_any_tokenizer(path: str | os.PathLike, *, trust: bool = False) -> LoadedTokenizer:
     """A tokenizer from a ``vqkit fit`` checkpoint, a ``save_pretrained`` / ``vqkit export``
-    folder, a prior's folder or a Hub id, on the CPU in eval mode (read by
-    ``vqkit.prior.tokenizer.read_tokenizer``, the one reader). ``training_state``: keep a
-    checkpoint's usage counts and maintenance state (a folder has none)."""
+    folder, a prior's folder or a Hub id, on the CPU in eval mode, without training state
+    (read by ``vqkit.prior.tokenizer.read_tokenizer``, the one reader)."""
     from ..prior.tokenizer import (
         PRETRAINED_KEY,
         read_tokenizer,
@@ -232,7 +227,7 @@ def load_any_tokenizer(
     )
 
     ckpt = read_tokenizer(path, trust=trust)
-    model = tokenizer_model(path, ckpt, training_state=training_state)
+    model = tokenizer_model(path, ckpt, training_state=False)
     data = ckpt.get("datamodule_hyper_parameters") or {}
     source = str(ckpt.get(PRETRAINED_KEY) or Path(path).expanduser())
     return LoadedTokenizer(
@@ -241,5 +236,4 @@ def load_any_tokenizer(
         str(data.get("square", "crop")),
         tokenizer_digest(model),
         source,
-        ckpt,
     )
