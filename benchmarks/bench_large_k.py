@@ -20,13 +20,15 @@ that). Every worker also runs under ``RLIMIT_AS`` = its address space at start +
 an underestimate fails with an allocation error in the worker, reported the same way, instead
 of exhausting the machine.
 
-k-means re-estimation (``KMeansReestimate`` defaults: ``mode="full"``, greedy k-means++ then
-``iters=20`` Lloyd iterations, on a reservoir of ``--reservoir-factor`` x K vectors) takes hours
-per call at these sizes on a CPU, so its time is extrapolated from measured pieces, labelled as
-such: the k-means++ seeding of the first ``--seed-centers`` centers (its cost per center grows
-with ``2 + ln k`` candidates and is otherwise constant) and one full assignment pass (what every
-Lloyd iteration costs at most; Hamerly's bounds skip most rows after the first) over
-``--pass-rows`` reservoir rows, scaled to the reservoir.
+k-means re-estimation (``KMeansReestimate``: ``mode="full"``, k-means++ then ``iters=20`` Lloyd
+iterations, on a reservoir of ``--reservoir-factor`` x K vectors) takes hours per call at these
+sizes on a CPU, so its time is extrapolated from measured pieces, labelled as such: the
+k-means++ seeding of the first ``--seed-centers`` centers, greedy (its cost per center grows with
+``2 + ln k`` candidates and is otherwise constant) and plain (one candidate per center, the
+default past 8,192 codes), and one full assignment pass (what every Lloyd iteration costs at
+most; Hamerly's bounds skip most rows after the first) over ``--pass-rows`` reservoir rows,
+scaled to the reservoir. ``--kmeans-only`` measures the k-means pieces alone and keeps the
+quantizer rows of the saved ``--json-out``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ except ImportError:  # run as a script from anywhere
     from benchmarks.common import machine_info, print_json, update_benchmarks_md, write_json
 from vqkit.quantize.distance import DEFAULT_MAX_BLOCK, _rows_per_chunk
 from vqkit.quantize.kmeans import _Assigner, kmeans_plusplus
+from vqkit.quantize.maintenance import default_local_trials
 
 FLOOR = "floor (matmul + argmin)"
 FLOOR_CHUNKED = "floor in row blocks"
@@ -300,12 +303,23 @@ def _kmeans_pieces(k: int, n: int, dim: int, seed_centers: int, pass_rows: int) 
             t1 = time.perf_counter()
             kmeans_plusplus(x, seed_centers, seed=0)
             t2 = time.perf_counter()
+            # the same with one candidate per step (plain k-means++, the default past 8,192)
+            kmeans_plusplus(x, seed_centers // 3, seed=0, local_trials=1)
+            p1 = time.perf_counter()
+            kmeans_plusplus(x, seed_centers, seed=0, local_trials=1)
+            p2 = time.perf_counter()
             # one full assignment pass (assignments, upper and lower bounds) over pass_rows rows:
             # the first Lloyd E-step, and the most any later one costs
             rows = x[:pass_rows]
             _Assigner(rows, rows.pow(2).sum(1), k, None).start(centers, None)
             t3 = time.perf_counter()
-            return {"seed_small_seconds": t1 - t0, "seed_seconds": t2 - t1, "pass_seconds": t3 - t2}
+            return {
+                "seed_small_seconds": t1 - t0,
+                "seed_seconds": t2 - t1,
+                "plain_small_seconds": p1 - t2,
+                "plain_seconds": p2 - p1,
+                "pass_seconds": t3 - p2,
+            }
 
         return run
 
@@ -363,7 +377,13 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
         seed_s = pieces["seed_seconds"] + per_center * (
             k * _trials(k) - seed_centers * _trials(seed_centers)
         )
+        # plain k-means++: one candidate per center
+        plain_per_center = (pieces["plain_seconds"] - pieces["plain_small_seconds"]) / (
+            seed_centers - small
+        )
+        plain_s = pieces["plain_seconds"] + plain_per_center * (k - seed_centers)
         pass_s = pieces["pass_seconds"] * n / pass_rows
+        default_plain = default_local_trials(k) == 1
         row |= {
             "status": "ok (extrapolated)",
             "seed_seconds_measured": pieces["seed_seconds"],
@@ -374,6 +394,12 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
             # k-means++ hands over every point's nearest seed: iteration 1 is a full pass,
             # later ones at most that
             "call_seconds_full": seed_s + iters * pass_s,
+            "plain_seconds_measured": pieces["plain_seconds"],
+            "plain_small_seconds_measured": pieces["plain_small_seconds"],
+            "seed_plain_seconds": plain_s,
+            "call_seconds_plain": plain_s + iters * pass_s,
+            # KMeansReestimate's seeding at this K with local_trials=None
+            "default_seeding": "plain" if default_plain else "greedy",
             "call_seconds_warm_start": (1 + iters) * pass_s,
             "peak_extra_mib": peak / MIB if kind == "peak" else None,
             "reservoir_mib": n * args.dim * 4 / MIB,
@@ -418,7 +444,14 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
         "bound vqkit keeps; vqkit's own blocks are 1,024 rows x 16,384 codes past 16,384 codes). "
         "*Peak extra*: peak resident memory above the "
         "case's inputs and module, each case in its own process (VmHWM after clear_refs); "
-        f"memory budget {args.budget_gb:g} GB per case. Command: `{cmd}`.",
+        f"memory budget {args.budget_gb:g} GB per case. "
+        + (
+            "Command: "
+            if len(cmd.splitlines()) == 1
+            else "Commands (the quantizer rows, then the k-means rows): "
+        )
+        + ", then ".join(f"`{c.strip()}`" for c in cmd.splitlines())
+        + ".",
         "",
         "| tokens M | codes K | implementation | seconds | x floor | x chunked "
         "| peak extra MiB | M x K fp32 MiB |",
@@ -445,18 +478,20 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
     if km:
         lines += [
             "",
-            'k-means re-estimation, one `KMeansReestimate` call with its defaults (`mode="full"`:'
-            " greedy k-means++ then 20 Lloyd iterations) on a reservoir of "
+            'k-means re-estimation, one `KMeansReestimate` call (`mode="full"`: k-means++ then 20'
+            " Lloyd iterations) on a reservoir of "
             f"{args.reservoir_factor} x K vectors (a Gaussian mixture as in `bench_kmeans`). "
             "**Extrapolated** from measured pieces: the seeding of the first centers (cost per "
             "center and candidate between the first third and all of the measured centers, times "
-            "K x (2 + ln K)) and one full assignment pass over some "
+            "K x (2 + ln K) for greedy k-means++, times K for plain k-means++, the default "
+            "(`local_trials=None`) past 8,192 codes) and one full assignment pass over some "
             "reservoir rows (times the reservoir's rows); a Lloyd iteration costs at most one "
             "full pass, so the call figures are upper bounds for the Lloyd part. Peak extra: "
             "above the reservoir, during the measured pieces.",
             "",
-            "| codes K | reservoir | measured | k-means++ seeding | one full pass | call (full) "
-            "| call (warm_start) | peak extra MiB | vector-quantize-pytorch kmeans |",
+            "| codes K | reservoir | measured | seeding: greedy / plain | one full pass "
+            "| call: greedy / plain (default) | call (warm_start) | peak extra MiB "
+            "| vector-quantize-pytorch kmeans |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in km:
@@ -468,13 +503,15 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
                 )
                 continue
             measured = (
-                f"{r['seed_centers_measured']:,} centers in {r['seed_seconds_measured']:.1f} s; "
+                f"{r['seed_centers_measured']:,} centers in {r['seed_seconds_measured']:.1f} s "
+                f"greedy, {r['plain_seconds_measured']:.2f} s plain; "
                 f"{r['pass_rows_measured']:,} rows in {r['pass_seconds_measured']:.1f} s"
             )
             peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:,.0f}"
             lines.append(
-                f"| {r['codes']:,} | {r['reservoir']:,} | {measured} | {_dur(r['seed_seconds'])} "
-                f"| {_dur(r['pass_seconds'])} | {_dur(r['call_seconds_full'])} | "
+                f"| {r['codes']:,} | {r['reservoir']:,} | {measured} | {_dur(r['seed_seconds'])}"
+                f" / {_dur(r['seed_plain_seconds'])} | {_dur(r['pass_seconds'])} | "
+                f"{_dur(r['call_seconds_full'])} / {_dur(r['call_seconds_plain'])} | "
                 f"{_dur(r['call_seconds_warm_start'])} | {peak} | {peer} |"
             )
     return "\n".join(lines)
@@ -530,6 +567,11 @@ def main() -> None:
     p.add_argument("--budget-gb", type=float, default=6.0, help="memory budget per case")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-kmeans", action="store_true")
+    p.add_argument(
+        "--kmeans-only",
+        action="store_true",
+        help="measure the k-means pieces only; keep the quantizer rows of --json-out",
+    )
     p.add_argument("--reservoir-factor", type=int, default=4, help="k-means reservoir = this x K")
     p.add_argument("--seed-centers", type=int, default=96, help="k-means++ centers measured")
     p.add_argument("--pass-rows", type=int, default=4096, help="rows of the measured pass")
@@ -553,8 +595,13 @@ def main() -> None:
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     peer_per_elem = None
+    saved: dict[str, Any] | None = None
+    if args.kmeans_only:
+        saved = json.loads(args.json_out.read_text())
+        rows = saved["rows"]
     for m, k in sorted(
-        ((m, k) for m in args.tokens for k in args.codes), key=lambda t: t[0] * t[1]
+        ((m, k) for m in args.tokens for k in args.codes if saved is None),
+        key=lambda t: t[0] * t[1],
     ):
         case = run_case(m, k, args, peer, peer_per_elem)
         rows += case
@@ -562,6 +609,11 @@ def main() -> None:
             if r["impl"] == PEER and r.get("peak_extra_mib") and peer_per_elem is None:
                 peer_per_elem = r["peak_extra_mib"] * MIB / (m * k)
     km = [] if args.no_kmeans else [run_kmeans(k, args) for k in sorted(args.codes)]
+    if saved is not None:
+        # the quantizer rows, their machine and command stay those of the saved run
+        if saved["machine"]["cpu_model"] != machine_info()["cpu_model"]:
+            raise SystemExit("--kmeans-only: the saved rows come from another CPU; run it all")
+        cmd = f"{saved['command'].splitlines()[0]}\n{cmd}"
 
     target = [
         {
@@ -577,7 +629,11 @@ def main() -> None:
         "benchmark": "large_k",
         "machine": machine_info(),
         "command": cmd,
-        "config": {k: v for k, v in vars(args).items() if k not in ("json_out", "no_write")},
+        "config": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("json_out", "no_write", "kmeans_only", "from_json")
+        },
         "max_block": DEFAULT_MAX_BLOCK,
         "rows": rows,
         "memory_growth": memory_growth(rows, args.dim),

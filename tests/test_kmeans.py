@@ -74,6 +74,32 @@ def test_kmeans_plusplus_potential_matches_sklearn():
     assert abs(mean_ours / mean_theirs - 1) < 0.05, (mean_ours, mean_theirs)
 
 
+def test_plain_kmeans_plusplus_matches_sklearn_one_trial_and_greedy_beats_it():
+    cluster = pytest.importorskip("sklearn.cluster")
+    x, _, _ = blobs(1500, 40, 8, seed=2, spread=1.0, scale=3.0)
+
+    def potential(c: torch.Tensor) -> float:
+        return float(nearest(x, c)[1].sum())
+
+    plain = [potential(kmeans_plusplus(x, 40, seed=s, local_trials=1)) for s in range(8)]
+    theirs = [
+        potential(
+            torch.from_numpy(
+                cluster.kmeans_plusplus(x.numpy(), 40, random_state=s, n_local_trials=1)[0]
+            )
+        )
+        for s in range(8)
+    ]
+    greedy = [potential(kmeans_plusplus(x, 40, seed=s)) for s in range(8)]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert abs(mean(plain) / mean(theirs) - 1) < 0.1, (plain, theirs)
+    # The greedy best of 2 + ln k candidates lowers the potential below one candidate's.
+    assert mean(greedy) < mean(plain), (greedy, plain)
+    # Through kmeans too: the seeding changes, the result is still a valid k-means.
+    res = kmeans(x, 40, seed=0, local_trials=1)
+    assert torch.equal(res.assignments, nearest(x, res.centers)[0])
+
+
 def test_recovers_well_separated_blobs_exactly():
     x, labels, means = blobs(800, 10, 5, seed=3, spread=0.05, scale=10.0)
     res = kmeans(x, 10, seed=0)
@@ -323,6 +349,11 @@ def test_cuda_matches_cpu():
             "frozen needs a tensor init",
         ),
         (lambda x: kmeans(x, 2, iters=-1), "iters must be an int >= 0, got -1"),
+        (lambda x: kmeans(x, 2, local_trials=0), "local_trials must be an int >= 1 or None"),
+        (
+            lambda x: kmeans_plusplus(x, 2, local_trials=True),
+            "local_trials must be an int >= 1 or None, got True",
+        ),
         (lambda x: kmeans(x, 2, tol=-1.0), "tol must be >= 0, got -1.0"),
         (lambda x: kmeans(x, 2, chunk_size=0), "chunk_size must be a positive int or None"),
         (

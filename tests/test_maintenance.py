@@ -1,5 +1,6 @@
 import copy
 import logging
+import sys
 
 import pytest
 import torch
@@ -97,6 +98,57 @@ def test_random_start_for_very_large_codebooks():
     for bad in (KMeansInit, KMeansReestimate):
         with pytest.raises(ValueError, match=r"init must be one of \('k-means\+\+', 'random'\)"):
             bad(init="kmeans++")
+
+
+def test_local_trials_reach_every_kmeans_call(monkeypatch):
+    """local_trials=1 (plain k-means++) is what KMeansInit and both re-estimation modes seed
+    with: the init equals kmeans(local_trials=1) and differs from the greedy seeding, the
+    describe lines say so, and a bad value fails at construction."""
+    torch.manual_seed(0)
+    data, _ = blobs(400, 8, 3)
+    init = KMeansInit(warmup_steps=1, reservoir_size=400, local_trials=1)
+    vq = VectorQuantizer(3, 8, maintenance=[init]).train()
+    vq(data[:200])
+    full = torch.cat([init.reservoir.contents().clone(), data[200:400]])
+    vq(data[200:400])
+    plain = kmeans(full, 8, iters=50, seed=1, local_trials=1)
+    greedy = kmeans(full, 8, iters=50, seed=1)
+    assert torch.equal(vq.codebook.detach(), plain.centers)
+    assert not torch.equal(plain.centers, greedy.centers)
+    assert "k-means++ with 1 candidate per step" in init.describe(vq)
+
+    mod = sys.modules["vqkit.quantize.maintenance"]
+    seen: dict[str, list] = {"kmeans": [], "kmeans_plusplus": []}
+    for name in seen:
+        real = getattr(mod, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name].append(kwargs.get("local_trials"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+    for mode in ("full", "dead"):
+        re = KMeansReestimate(every=2, until=None, reservoir_size=256, mode=mode, local_trials=3)
+        vq = VectorQuantizer(3, 16, maintenance=[re]).train()
+        assert "k-means++ with 3 candidates per step" in re.describe(vq)
+        for v in seen.values():
+            v.clear()
+        events = []
+        for i in range(3):
+            vq(data[i * 100 : (i + 1) * 100])
+            events += vq.pop_events()
+        assert [e.strategy for e in events if e.status == "done"] == ["k-means re-estimation"]
+        # full mode seeds inside kmeans; dead mode seeds the dead codes with kmeans_plusplus,
+        # then refines with kmeans from those centers
+        want = (
+            {"kmeans": [3], "kmeans_plusplus": []}
+            if mode == "full"
+            else {"kmeans": [None], "kmeans_plusplus": [3]}
+        )
+        assert seen == want, (mode, seen)
+    for bad in (KMeansInit, KMeansReestimate):
+        with pytest.raises(ValueError, match="local_trials must be an int >= 1 or None, got 0"):
+            bad(local_trials=0)
 
 
 def test_kmeans_init_waits_for_enough_samples(caplog):

@@ -33,7 +33,14 @@ from benchmarks.utilization.rows import (  # noqa: E402
 )
 from benchmarks.utilization.runner import evaluate  # noqa: E402
 
-from vqkit.quantize import DeadCodeRestart, EMAUpdate, KMeansInit, KMeansReestimate  # noqa: E402
+from vqkit.quantize import (  # noqa: E402
+    DeadCodeRestart,
+    EMAUpdate,
+    KMeansInit,
+    KMeansReestimate,
+    default_local_trials,
+)
+from vqkit.quantize.maintenance import _trials  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -155,6 +162,11 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
             assert (m.reservoir_size, new.reservoir_size) == (16384, None)
             assert m.reservoir.size == new.reservoir.size == 16384
             mine.pop("reservoir_size"), theirs.pop("reservoir_size")
+            # the stored rows pin greedy seeding (2 + ln K = 8 candidates at K = 1,024); the
+            # library's default (None) is the same greedy seeding at this K
+            assert (m.local_trials, new.local_trials) == (8, None)
+            assert default_local_trials(1024) is None
+            mine.pop("local_trials"), theirs.pop("local_trials")
         simple = (int, float, str, bool, tuple, type(None))
         assert {k: v for k, v in mine.items() if isinstance(v, simple)} == {
             k: v for k, v in theirs.items() if isinstance(v, simple)
@@ -181,6 +193,25 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
         reservoirs = [m.reservoir for m in q.maintenance if isinstance(m, kmeans)]
         assert len(reservoirs) == 2 and reservoirs[0] is reservoirs[1], (name, k)
         assert reservoirs[0].size == want, (name, k, reservoirs[0].size)
+    # Seeding: the default's is the library's (greedy up to 8,192 codes, one candidate per
+    # k-means++ step above); rows measured before keep greedy seeding at every K.
+    seeding = {
+        (8192, "default"): None,
+        (16384, "default"): 1,
+        (16384, "default_greedy"): 11,
+        (16384, "vqfr_full"): 11,
+        (16384, "dead_restart"): 11,
+        (16384, "full_res2"): 11,
+        (16384, "kmeans_init"): 11,
+    }
+    for (k, name), want in seeding.items():
+        q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
+        got = {
+            _trials(m.local_trials, k)
+            for m in q.maintenance
+            if isinstance(m, (KMeansInit, KMeansReestimate))
+        }
+        assert got == {want}, (name, k, got)
     assert paths_for("emoji") == (JSON_REL, MD_REL)
     assert [p.name for p in paths_for("avatars")] == ["large_k_study.json", "large_k_study.md"]
     with pytest.raises(SystemExit):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +84,22 @@ def scale_steps(n: int, scale: float, floor: int = 1) -> int:
 STUDY_RESERVOIR, STUDY_RESERVOIR_PER_CODE = 16384, 2
 
 
+def greedy_trials(codebook_size: int) -> int:
+    """scikit-learn's greedy k-means++ candidates per step, 2 + ln K: what every k-means of the
+    stored rows seeded with (the library's default up to 8,192 codes, at every K before
+    ``default_local_trials``)."""
+    return 2 + int(math.log(codebook_size))
+
+
 def _scaled_quantizer_config(
     qcfg: dict, codebook_size: int, scale: float, *, pin_reservoir: bool = True
 ) -> dict:
     """The YAML's quantizer with another codebook size and its step counts times ``scale``.
 
-    ``pin_reservoir``: every reservoir holds ``max(16384, 2 * codebook_size)`` vectors, the
-    rule the stored rows were measured with; False keeps the YAML's own (null: the library's
-    default, ``vqkit.quantize.maintenance.default_reservoir_size``)."""
+    ``pin_reservoir``: the rules the stored rows were measured with: every reservoir holds
+    ``max(16384, 2 * codebook_size)`` vectors and k-means++ is greedy (``greedy_trials``) at
+    every K; False keeps the YAML's own and the library's defaults
+    (``vqkit.quantize.default_reservoir_size``, ``default_local_trials``)."""
     q = copy.deepcopy(qcfg)
     q["init_args"]["codebook_size"] = codebook_size
     for m in q["init_args"].get("maintenance", []):
@@ -99,6 +108,11 @@ def _scaled_quantizer_config(
             a["reservoir_size"] = max(
                 a["reservoir_size"] or STUDY_RESERVOIR, STUDY_RESERVOIR_PER_CODE * codebook_size
             )
+        if pin_reservoir and m["class_path"].rsplit(".", 1)[-1] in (
+            "KMeansInit",
+            "KMeansReestimate",
+        ):
+            a.setdefault("local_trials", greedy_trials(codebook_size))
         if scale != 1.0:
             for key in ("warmup_steps", "every", "until"):
                 if key in a:
@@ -149,16 +163,22 @@ def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
     return KMeansReestimate(**args)
 
 
-def _default_with(ctx: Ctx, *, pin_reservoir: bool = False, **reestimate: Any) -> VectorQuantizer:
+def _default_with(
+    ctx: Ctx, *, pin_reservoir: bool = False, kmeans: dict | None = None, **reestimate: Any
+) -> VectorQuantizer:
     """The quickstart's quantizer, its schedules scaled by ``ctx.scale``, with ``reestimate``
-    overriding its ``KMeansReestimate`` arguments (none: the default row); ``pin_reservoir``:
-    the study's reservoir rule instead of the YAML's (see ``_scaled_quantizer_config``)."""
+    overriding its ``KMeansReestimate`` arguments and ``kmeans`` those of both its k-means
+    strategies (none: the default row); ``pin_reservoir``: the study's reservoir rule instead
+    of the YAML's (see ``_scaled_quantizer_config``)."""
     q = _scaled_quantizer_config(
         ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale, pin_reservoir=pin_reservoir
     )
     for m in q["init_args"].get("maintenance", []):
-        if m["class_path"].rsplit(".", 1)[-1] == "KMeansReestimate":
-            m.setdefault("init_args", {}).update(reestimate)
+        name = m["class_path"].rsplit(".", 1)[-1]
+        if name in ("KMeansInit", "KMeansReestimate"):
+            m.setdefault("init_args", {}).update(kmeans or {})
+        if name == "KMeansReestimate":
+            m["init_args"].update(reestimate)
     return build_from_config(q)
 
 
@@ -282,6 +302,21 @@ ROWS: dict[str, Row] = {
         lambda c: _default_with(c, pin_reservoir=True),
         "row 11 with reservoirs of max(16,384, 2 per code) vectors: the same quantizer as row "
         "11 up to K = 4,096 (16,384 vectors either way), half its reservoir beyond",
+    ),
+    "default_greedy": Row(
+        14,
+        "default with greedy k-means++ at every K (the default of commits 5ab8def-c2015f5)",
+        lambda c: _default_with(c, kmeans={"local_trials": greedy_trials(c.codebook_size)}),
+        "row 11 with local_trials=2 + ln K on KMeansInit and KMeansReestimate: scikit-learn's "
+        "greedy k-means++ past 8,192 codes too, where the default seeds with one candidate per "
+        "step; the same quantizer as row 11 up to K = 8,192",
+    ),
+    "default_random": Row(
+        15,
+        "default with a random k-means start",
+        lambda c: _default_with(c, kmeans={"init": "random"}),
+        "row 11 with init='random' on KMeansInit and KMeansReestimate: Lloyd starts from "
+        "distinct random reservoir vectors, no k-means++ seeding",
     ),
 }
 

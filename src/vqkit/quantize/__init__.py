@@ -10,6 +10,7 @@ from .maintenance import (
     LowUsageReset,
     Maintenance,
     MaintenanceEvent,
+    default_local_trials,
     default_reservoir_size,
 )
 from .quantizer import NonFiniteError, QuantizerOutput, VectorQuantizer, reset_optimizer_state
@@ -35,6 +36,7 @@ __all__ = [
     "ReservoirSampler",
     "UsageStats",
     "VectorQuantizer",
+    "default_local_trials",
     "default_reservoir_size",
     "kmeans",
     "kmeans_plusplus",

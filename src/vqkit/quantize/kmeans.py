@@ -106,6 +106,15 @@ def _check_centers(name: str, c: Tensor, shape: tuple[int, ...], x: Tensor) -> T
     return c
 
 
+def _check_trials(local_trials: int | None, k: int) -> int:
+    """Candidates per greedy k-means++ step: ``local_trials``, or scikit-learn's 2 + ln k."""
+    if local_trials is None:
+        return 2 + int(math.log(k))
+    if isinstance(local_trials, bool) or not isinstance(local_trials, int) or local_trials < 1:
+        raise ValueError(f"local_trials must be an int >= 1 or None, got {local_trials!r}")
+    return local_trials
+
+
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     # A generator on x's device keeps the draws there (no host round trip on CUDA) and makes the
     # result a function of the seed alone, not of the global RNG state.
@@ -150,12 +159,15 @@ def kmeans_plusplus(
     seed: int = 0,
     existing: Tensor | None = None,
     chunk_size: int | None = None,
+    local_trials: int | None = None,
 ) -> Tensor:
     """Greedy k-means++ seeding (as scikit-learn): ``k`` new centers, shape (k, D), fp32.
 
-    Each step draws ``2 + int(ln k)`` candidate points with probability proportional to their
-    squared distance to the nearest center so far and keeps the one that lowers the potential
-    (the sum of those squared distances) the most; without ``existing`` the first center is a
+    Each step draws ``local_trials`` (None: ``2 + int(ln k)``, scikit-learn's) candidate points
+    with probability proportional to their squared distance to the nearest center so far and
+    keeps the one that lowers the potential (the sum of those squared distances) the most;
+    ``local_trials=1`` is plain k-means++ (Arthur and Vassilvitskii), about ``2 + ln k`` times
+    cheaper. Without ``existing`` the first center is a
     uniform draw. With ``existing`` (M, D), distances are measured to those fixed centers too, so
     the new centers go where ``existing`` covers the data worst; only the ``k`` new centers are
     returned. ``chunk_size`` bounds the distance blocks as in :func:`kmeans`. Deterministic for
@@ -163,10 +175,12 @@ def kmeans_plusplus(
     """
     x = _check_x(x, k)
     _check_chunk(chunk_size)
+    trials = _check_trials(local_trials, k)
     if existing is not None:
         existing = _check_centers("existing", existing, (-1, x.shape[1]), x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _kmeans_plusplus(x, k, _generator(x.device, seed), existing, chunk_size)[0]
+        gen = _generator(x.device, seed)
+        return _kmeans_plusplus(x, k, gen, existing, chunk_size, trials=trials)[0]
 
 
 def _kmeans_plusplus(
@@ -176,12 +190,13 @@ def _kmeans_plusplus(
     existing: Tensor | None,
     chunk_size: int | None,
     xsq: Tensor | None = None,
+    *,
+    trials: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(centers, index of each point's nearest center among them or ``existing``, squared
     distance to it)."""
     n, d = x.shape
     dev = x.device
-    trials = 2 + int(math.log(k))
     xsq = x.pow(2).sum(1) if xsq is None else xsq
     centers = torch.empty(k, d, dtype=torch.float32, device=dev)
     start = 0
@@ -340,6 +355,7 @@ def kmeans(
     seed: int = 0,
     chunk_size: int | None = None,
     frozen: Tensor | None = None,
+    local_trials: int | None = None,
 ) -> KMeansResult:
     """Lloyd's k-means of the rows of ``x`` (N, D) into ``k`` clusters, on x's device, in fp32.
 
@@ -349,12 +365,14 @@ def kmeans(
     (scikit-learn's rule), or when no assignment changes. Empty clusters are reseeded with the
     points farthest from their centers. ``frozen``: optional bool mask (k,) of centers that never
     move and are never reseeded (needs a tensor ``init``). ``chunk_size``: rows per (rows, k)
-    distance block (default: blocks of ``distance.DEFAULT_MAX_BLOCK`` floats). Deterministic for
+    distance block (default: blocks of ``distance.DEFAULT_MAX_BLOCK`` floats). ``local_trials``:
+    candidates per k-means++ step, as in :func:`kmeans_plusplus`. Deterministic for
     a given ``seed`` (on CUDA, bitwise only under ``torch.use_deterministic_algorithms``, as the
     center sums use ``index_add_``). The returned assignments are the nearest returned centers.
     """
     x = _check_x(x, k)
     _check_chunk(chunk_size)
+    trials = _check_trials(local_trials, k)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if not tol >= 0:  # also rejects NaN
@@ -389,7 +407,9 @@ def kmeans(
                 centers = x.index_select(0, pick)
             else:
                 # k-means++ ends knowing every point's nearest center: the first assignment.
-                centers, seeded, _ = _kmeans_plusplus(x, k, gen, None, chunk_size, xsq)
+                centers, seeded, _ = _kmeans_plusplus(
+                    x, k, gen, None, chunk_size, xsq, trials=trials
+                )
         state = _Assigner(x, xsq, k, chunk_size)
         state.start(centers, seeded)
         return _lloyd(x, centers, state, frozen, iters, _tolerance(x, xsq, tol))
