@@ -323,6 +323,26 @@ def test_large_k_findings_judge_issue_13s_targets() -> None:
     assert any(p.startswith("**The default against issue 13's targets (1 of 3 met)") for p in paras)
     assert not any("issue 6" in p for p in paras)
 
+    # A row that ran fewer seeds is compared on the seeds both ran, not with the default's mean.
+    def seeded(seeds: list[int], psnr: list[float], secs: list[float]) -> dict:
+        r = _row(0.9, sum(psnr) / len(psnr), sum(secs) / len(secs))
+        r["seeds"] = seeds
+        r["per_seed"] = {"utilization": [0.9] * len(seeds), "psnr": psnr, "train_seconds": secs}
+        return r
+
+    rows = {
+        "default": seeded([0, 1], [17.10, 17.30], [776.0, 710.0]),
+        "cosine8": seeded([0], [17.17], [250.0]),
+        "peer": seeded([0, 1], [17.0, 17.1], [1400.0, 1300.0]),
+    }
+    (_, psnr, time_) = large_k_checks("65536", rows)
+    assert not psnr[1], psnr  # 17.10 < 17.17 on seed 0, though the default's mean is 17.20
+    assert (
+        "17.10 dB vs the best other, row 7 `cosine8` 17.17 dB (seed 0, the seeds both ran)"
+        in (psnr[2])
+    )
+    assert "776 s vs row 7 `cosine8` 250 s (3.10x) (seed 0" in time_[2]
+
 
 def test_avatar_study_flips_nothing_unless_asked() -> None:
     assert U.parse_args(["--data", "avatars"]).flip_p == 0.0

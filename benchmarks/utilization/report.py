@@ -130,8 +130,29 @@ LARGE_K_UTILIZATION = {16384: 0.99, 65536: 0.97}
 LARGE_K_TIME_RATIO = 1.1
 
 
+def _common(rows: dict, a: str, b: str, key: str) -> tuple[float, float, str]:
+    """Rows ``a`` and ``b``'s means of ``key`` over the seeds both ran (all of each when they ran
+    the same seeds or none in common), and a note naming those seeds when they are fewer."""
+    sa, sb = rows[a].get("seeds"), rows[b].get("seeds")
+    common = [sd for sd in sa or [] if sd in (sb or [])]
+    if not common or (sorted(sa) == sorted(sb)):
+        return rows[a][key], rows[b][key], ""
+
+    def mean(n: str) -> float:
+        v = [
+            x
+            for sd, x in zip(rows[n]["seeds"], rows[n]["per_seed"][key], strict=True)
+            if sd in common
+        ]
+        return sum(v) / len(v)
+
+    which = ", ".join(str(sd) for sd in common)
+    return mean(a), mean(b), f" (seed{'s' * (len(common) > 1)} {which}, the seeds both ran)"
+
+
 def large_k_checks(k: str, rows: dict) -> list[tuple[str, bool, str]]:
-    """The default against issue 13's targets at codebook size ``k`` (name, met, figures)."""
+    """The default against issue 13's targets at codebook size ``k`` (name, met, figures). PSNR
+    and time compare the default with each row on the seeds both ran."""
     d = rows["default"]
     others = [n for n in _ordered(rows) if n != "default"]
     checks = []
@@ -145,23 +166,27 @@ def large_k_checks(k: str, rows: dict) -> list[tuple[str, bool, str]]:
             )
         )
     if others:
-        bo = max(others, key=lambda n: rows[n]["psnr"])
+        psnr = {n: _common(rows, "default", n, "psnr") for n in others}
+        bo = max(others, key=lambda n: psnr[n][1] - psnr[n][0])
+        mine, theirs, note = psnr[bo]
         checks.append(
             (
                 "PSNR >= every other row",
-                d["psnr"] >= rows[bo]["psnr"],
-                f"{_f(d['psnr'], 2)} dB vs the best other, row {ROWS[bo].number} `{bo}` "
-                f"{_f(rows[bo]['psnr'], 2)} dB",
+                mine >= theirs,
+                f"{_f(mine, 2)} dB vs the best other, row {ROWS[bo].number} `{bo}` "
+                f"{_f(theirs, 2)} dB{note}",
             )
         )
-        fast = min(others, key=lambda n: rows[n]["train_seconds"])
-        ratio = d["train_seconds"] / rows[fast]["train_seconds"]
+        secs = {n: _common(rows, "default", n, "train_seconds") for n in others}
+        fast = max(others, key=lambda n: secs[n][0] / secs[n][1])
+        mine, theirs, note = secs[fast]
+        ratio = mine / theirs
         checks.append(
             (
                 f"training time <= {LARGE_K_TIME_RATIO}x the fastest row",
                 ratio <= LARGE_K_TIME_RATIO,
-                f"{d['train_seconds']:.0f} s vs row {ROWS[fast].number} `{fast}` "
-                f"{rows[fast]['train_seconds']:.0f} s ({ratio:.2f}x)",
+                f"{mine:.0f} s vs row {ROWS[fast].number} `{fast}` {theirs:.0f} s ({ratio:.2f}x)"
+                f"{note}",
             )
         )
     return checks
@@ -450,19 +475,27 @@ def markdown(
                 f"{_f(r['ssim'])} | "
                 f"{r['train_seconds']:.0f} | {r['train_cpu_seconds']:.0f} |"
             )
+        seeds = sorted({sd for n in names for sd in rows[n]["seeds"]})
         lines += [
             "",
             "Means over seeds. Per seed (utilization / PSNR / train time):",
             "",
-            "| row | " + " | ".join(f"seed {sd}" for sd in rows[names[0]]["seeds"]) + " |",
-            "|---|" + "---:|" * len(rows[names[0]]["seeds"]),
+            "| row | " + " | ".join(f"seed {sd}" for sd in seeds) + " |",
+            "|---|" + "---:|" * len(seeds),
         ]
         for n in names:
             ps = rows[n]["per_seed"]
-            cells = [
-                f"{100 * u:.1f}% / {p:.2f} / {t:.0f} s"
-                for u, p, t in zip(ps["utilization"], ps["psnr"], ps["train_seconds"], strict=True)
-            ]
+            by_seed = {
+                sd: f"{100 * u:.1f}% / {p:.2f} / {t:.0f} s"
+                for sd, u, p, t in zip(
+                    rows[n]["seeds"],
+                    ps["utilization"],
+                    ps["psnr"],
+                    ps["train_seconds"],
+                    strict=True,
+                )
+            }
+            cells = [by_seed.get(sd, "-") for sd in seeds]
             lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
         lines += ["", "### Findings", ""]
         tokens = s["val_images"] * s["tokens_per_image"]
