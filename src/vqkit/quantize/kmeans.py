@@ -106,13 +106,19 @@ def _check_centers(name: str, c: Tensor, shape: tuple[int, ...], x: Tensor) -> T
     return c
 
 
-def _check_trials(local_trials: int | None, k: int) -> int:
-    """Candidates per greedy k-means++ step: ``local_trials``, or scikit-learn's 2 + ln k."""
-    if local_trials is None:
-        return 2 + int(math.log(k))
-    if isinstance(local_trials, bool) or not isinstance(local_trials, int) or local_trials < 1:
+def check_local_trials(local_trials: int | None) -> int | None:
+    """``local_trials`` itself, after checking it is None or an int >= 1."""
+    if local_trials is not None and (
+        isinstance(local_trials, bool) or not isinstance(local_trials, int) or local_trials < 1
+    ):
         raise ValueError(f"local_trials must be an int >= 1 or None, got {local_trials!r}")
     return local_trials
+
+
+def _check_trials(local_trials: int | None, k: int) -> int:
+    """Candidates per greedy k-means++ step: ``local_trials``, or scikit-learn's 2 + ln k."""
+    trials = check_local_trials(local_trials)
+    return 2 + int(math.log(k)) if trials is None else trials
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

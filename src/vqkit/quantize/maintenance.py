@@ -18,7 +18,7 @@ from ..configurable import Configurable
 from . import distributed as D
 from .distance import nearest
 from .interface import CodebookOwner, MaintenanceEvent
-from .kmeans import kmeans, kmeans_plusplus
+from .kmeans import check_local_trials, kmeans, kmeans_plusplus
 from .reservoir import ReservoirSampler
 
 log = logging.getLogger("vqkit.quantize")
@@ -192,14 +192,6 @@ def _check_init(init: str) -> str:
     return init
 
 
-def _check_local_trials(local_trials: int | None) -> int | None:
-    if local_trials is not None and (
-        isinstance(local_trials, bool) or not isinstance(local_trials, int) or local_trials < 1
-    ):
-        raise ValueError(f"local_trials must be an int >= 1 or None, got {local_trials!r}")
-    return local_trials
-
-
 def _trials(local_trials: int | None, codebook_size: int) -> int | None:
     return default_local_trials(codebook_size) if local_trials is None else local_trials
 
@@ -278,7 +270,7 @@ class KMeansInit(_Cached):
         self.reservoir_size = reservoir_size
         self.iters = iters
         self.init = _check_init(init)
-        self.local_trials = _check_local_trials(local_trials)
+        self.local_trials = check_local_trials(local_trials)
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
         self.register_buffer("done", torch.zeros((), dtype=torch.bool))
@@ -392,7 +384,7 @@ class KMeansReestimate(Maintenance):
         if mode not in ("full", "dead"):
             raise ValueError(f"mode must be 'full' or 'dead', got {mode!r}")
         self.init = _check_init(init)
-        self.local_trials = _check_local_trials(local_trials)
+        self.local_trials = check_local_trials(local_trials)
         if min_usage < 1:
             raise ValueError(f"min_usage must be >= 1, got {min_usage}")
         self.every = every
