@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import multiprocessing as mp
 import resource
 import statistics
@@ -58,7 +57,7 @@ except ImportError:  # run as a script from anywhere
     from benchmarks.bench_quantizer import floor_fn, peer_fn, vqkit_fn
     from benchmarks.common import machine_info, print_json, update_benchmarks_md, write_json
 from vqkit.quantize.distance import DEFAULT_MAX_BLOCK, _rows_per_chunk
-from vqkit.quantize.kmeans import _Assigner, kmeans_plusplus
+from vqkit.quantize.kmeans import _Assigner, greedy_local_trials, kmeans_plusplus
 from vqkit.quantize.maintenance import default_local_trials
 
 FLOOR = "floor (matmul + argmin)"
@@ -284,10 +283,6 @@ def _fail(row: dict[str, Any], kind: str, info: str, args: argparse.Namespace) -
 # --------------------------------------------------------------------------------------------
 
 
-def _trials(k: int) -> int:
-    return 2 + int(math.log(k))  # greedy k-means++ candidates per center (as kmeans.py)
-
-
 def _kmeans_pieces(k: int, n: int, dim: int, seed_centers: int, pass_rows: int) -> Callable:
     def build() -> Callable[[], dict[str, float]]:
         # the reservoir: k clusters of n / k points each on average (bench_kmeans' mixture)
@@ -372,10 +367,10 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
         small = seed_centers // 3
         # seconds per center and candidate, from the centers between small and seed_centers
         per_center = (pieces["seed_seconds"] - pieces["seed_small_seconds"]) / (
-            seed_centers * _trials(seed_centers) - small * _trials(small)
+            seed_centers * greedy_local_trials(seed_centers) - small * greedy_local_trials(small)
         )
         seed_s = pieces["seed_seconds"] + per_center * (
-            k * _trials(k) - seed_centers * _trials(seed_centers)
+            k * greedy_local_trials(k) - seed_centers * greedy_local_trials(seed_centers)
         )
         # plain k-means++: one candidate per center
         plain_per_center = (pieces["plain_seconds"] - pieces["plain_small_seconds"]) / (

@@ -40,7 +40,6 @@ from vqkit.quantize import (  # noqa: E402
     KMeansReestimate,
     default_local_trials,
 )
-from vqkit.quantize.maintenance import _trials  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -180,38 +179,31 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
     the emoji study's."""
     from benchmarks.utilization.report import paths_for
 
+    # (K, row): (reservoir vectors, k-means++ candidates per step). The default's seeding is the
+    # library's (greedy up to 8,192 codes, one candidate above); rows measured before keep
+    # greedy seeding (2 + ln K: 11 at 16,384) at every K.
     wants = {
-        (8192, "default"): 32768,
-        (16384, "default"): 65536,
-        (8192, "vqfr_full"): 16384,
-        (16384, "vqfr_full"): 32768,
-        (16384, "dead_restart"): 32768,
+        (8192, "default"): (32768, None),
+        (16384, "default"): (65536, 1),
+        (16384, "default_greedy"): (65536, 11),
+        (8192, "vqfr_full"): (16384, 11),
+        (16384, "vqfr_full"): (32768, 11),
+        (16384, "dead_restart"): (32768, 11),
+        (16384, "full_res2"): (32768, 11),
+        (16384, "kmeans_init"): (32768, 11),
     }
-    for (k, name), want in wants.items():
+    for (k, name), (size, trials) in wants.items():
         q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
-        kmeans = (KMeansInit, KMeansReestimate)
-        reservoirs = [m.reservoir for m in q.maintenance if isinstance(m, kmeans)]
-        assert len(reservoirs) == 2 and reservoirs[0] is reservoirs[1], (name, k)
-        assert reservoirs[0].size == want, (name, k, reservoirs[0].size)
-    # Seeding: the default's is the library's (greedy up to 8,192 codes, one candidate per
-    # k-means++ step above); rows measured before keep greedy seeding at every K.
-    seeding = {
-        (8192, "default"): None,
-        (16384, "default"): 1,
-        (16384, "default_greedy"): 11,
-        (16384, "vqfr_full"): 11,
-        (16384, "dead_restart"): 11,
-        (16384, "full_res2"): 11,
-        (16384, "kmeans_init"): 11,
-    }
-    for (k, name), want in seeding.items():
-        q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
+        strategies = [m for m in q.maintenance if isinstance(m, (KMeansInit, KMeansReestimate))]
+        assert len(strategies) == (1 if name == "kmeans_init" else 2), (name, k)
+        reservoirs = {id(m.reservoir): m.reservoir for m in strategies}
+        assert len(reservoirs) == 1, (name, k)  # init and re-estimation share one reservoir
+        assert strategies[0].reservoir.size == size, (name, k, strategies[0].reservoir.size)
         got = {
-            _trials(m.local_trials, k)
-            for m in q.maintenance
-            if isinstance(m, (KMeansInit, KMeansReestimate))
+            m.local_trials if m.local_trials is not None else default_local_trials(k)
+            for m in strategies
         }
-        assert got == {want}, (name, k, got)
+        assert got == {trials}, (name, k, got)
     assert paths_for("emoji") == (JSON_REL, MD_REL)
     assert [p.name for p in paths_for("avatars")] == ["large_k_study.json", "large_k_study.md"]
     with pytest.raises(SystemExit):

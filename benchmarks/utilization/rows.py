@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from vqkit.quantize import (
     LowUsageReset,
     VectorQuantizer,
 )
+from vqkit.quantize.kmeans import greedy_local_trials
 
 CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -84,22 +84,16 @@ def scale_steps(n: int, scale: float, floor: int = 1) -> int:
 STUDY_RESERVOIR, STUDY_RESERVOIR_PER_CODE = 16384, 2
 
 
-def greedy_trials(codebook_size: int) -> int:
-    """scikit-learn's greedy k-means++ candidates per step, 2 + ln K: what every k-means of the
-    stored rows seeded with (the library's default up to 8,192 codes, at every K before
-    ``default_local_trials``)."""
-    return 2 + int(math.log(codebook_size))
-
-
 def _scaled_quantizer_config(
     qcfg: dict, codebook_size: int, scale: float, *, pin_reservoir: bool = True
 ) -> dict:
     """The YAML's quantizer with another codebook size and its step counts times ``scale``.
 
     ``pin_reservoir``: the rules the stored rows were measured with: every reservoir holds
-    ``max(16384, 2 * codebook_size)`` vectors and k-means++ is greedy (``greedy_trials``) at
-    every K; False keeps the YAML's own and the library's defaults
-    (``vqkit.quantize.default_reservoir_size``, ``default_local_trials``)."""
+    ``max(16384, 2 * codebook_size)`` vectors and k-means++ is greedy
+    (``vqkit.quantize.kmeans.greedy_local_trials``) at every K; False keeps the YAML's own and
+    the library's defaults (``vqkit.quantize.default_reservoir_size``,
+    ``default_local_trials``)."""
     q = copy.deepcopy(qcfg)
     q["init_args"]["codebook_size"] = codebook_size
     for m in q["init_args"].get("maintenance", []):
@@ -112,7 +106,7 @@ def _scaled_quantizer_config(
             "KMeansInit",
             "KMeansReestimate",
         ):
-            a.setdefault("local_trials", greedy_trials(codebook_size))
+            a.setdefault("local_trials", greedy_local_trials(codebook_size))
         if scale != 1.0:
             for key in ("warmup_steps", "every", "until"):
                 if key in a:
@@ -306,7 +300,7 @@ ROWS: dict[str, Row] = {
     "default_greedy": Row(
         14,
         "default with greedy k-means++ at every K (the default of commits 5ab8def-c2015f5)",
-        lambda c: _default_with(c, kmeans={"local_trials": greedy_trials(c.codebook_size)}),
+        lambda c: _default_with(c, kmeans={"local_trials": greedy_local_trials(c.codebook_size)}),
         "row 11 with local_trials=2 + ln K on KMeansInit and KMeansReestimate: scikit-learn's "
         "greedy k-means++ past 8,192 codes too, where the default seeds with one candidate per "
         "step; the same quantizer as row 11 up to K = 8,192",

@@ -115,10 +115,15 @@ def check_local_trials(local_trials: int | None) -> int | None:
     return local_trials
 
 
+def greedy_local_trials(k: int) -> int:
+    """Candidates per step of greedy k-means++ (scikit-learn's): 2 + ln k."""
+    return 2 + int(math.log(k))
+
+
 def _check_trials(local_trials: int | None, k: int) -> int:
-    """Candidates per greedy k-means++ step: ``local_trials``, or scikit-learn's 2 + ln k."""
+    """Candidates per k-means++ step: ``local_trials``, or the greedy 2 + ln k."""
     trials = check_local_trials(local_trials)
-    return 2 + int(math.log(k)) if trials is None else trials
+    return greedy_local_trials(k) if trials is None else trials
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
