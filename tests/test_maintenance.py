@@ -13,7 +13,7 @@ from vqkit import (
     VectorQuantizer,
     kmeans,
 )
-from vqkit.quantize import default_reservoir_size
+from vqkit.quantize import default_kmeans_start, default_reservoir_size
 
 
 def blobs(n, k, d, seed=0, spread=0.05):
@@ -149,6 +149,55 @@ def test_local_trials_reach_every_kmeans_call(monkeypatch):
     for bad in (KMeansInit, KMeansReestimate):
         with pytest.raises(ValueError, match="local_trials must be an int >= 1 or None, got 0"):
             bad(local_trials=0)
+
+
+def test_large_codebooks_start_at_random_vectors_for_one_iteration(monkeypatch):
+    """Past FULL_KMEANS_MAX_CODES codes (8,192; lowered here to 8 to keep the test small) the
+    k-means strategies' defaults (init, iters None) run a random start and 1 Lloyd iteration:
+    the init equals kmeans(init="random", iters=1), every re-estimation call gets them, the
+    describe lines say so, and explicit values still win."""
+    mod = sys.modules["vqkit.quantize.maintenance"]
+    assert default_kmeans_start(8192, 50) == ("k-means++", 50)
+    assert default_kmeans_start(8193, 20) == ("random", 1)
+    assert KMeansInit().start(1024) == ("k-means++", 50)
+    assert KMeansReestimate().start(1024) == ("k-means++", 20)
+    assert KMeansReestimate(init="k-means++", iters=7).start(65536) == ("k-means++", 7)
+    monkeypatch.setattr(mod, "FULL_KMEANS_MAX_CODES", 8)
+    torch.manual_seed(0)
+    data, _ = blobs(400, 8, 3)
+    init = KMeansInit(warmup_steps=1, reservoir_size=400)
+    vq = VectorQuantizer(3, 16, maintenance=[init]).train()
+    vq(data[:200])
+    full = torch.cat([init.reservoir.contents().clone(), data[200:400]])
+    vq(data[200:400])
+    ref = kmeans(full, 16, iters=1, seed=1, init="random")
+    assert torch.equal(vq.codebook.detach(), ref.centers)
+    assert not torch.equal(ref.centers, kmeans(full, 16, iters=50, seed=1, init="random").centers)
+    assert "(1 iteration, random start)" in init.describe(vq)
+
+    seen: list = []
+    real = mod.kmeans
+
+    def spy(*args, **kwargs):
+        init = kwargs.get("init")
+        seen.append((init if isinstance(init, str) else "tensor", kwargs.get("iters")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "kmeans", spy)
+    for mode, want in (("full", [("random", 1)]), ("dead", [("tensor", 1)])):
+        re = KMeansReestimate(every=2, until=None, reservoir_size=256, mode=mode)
+        vq = VectorQuantizer(3, 16, maintenance=[re]).train()
+        assert "(1 iteration, random start)" in re.describe(vq)
+        seen.clear()
+        for i in range(3):
+            vq(data[i * 100 : (i + 1) * 100])
+        # dead mode starts the dead codes at random reservoir vectors, then one Lloyd step
+        assert seen == want, (mode, seen)
+    re = KMeansReestimate(every=2, until=None, reservoir_size=256, init="k-means++", iters=4)
+    vq = VectorQuantizer(3, 16, maintenance=[re]).train()
+    assert "(4 iterations, k-means++ with 1 candidate per step)" in re.describe(vq)
+    with pytest.raises(ValueError, match="iters must be an int >= 0 or None, got -1"):
+        KMeansInit(iters=-1)
 
 
 def test_kmeans_init_waits_for_enough_samples(caplog):

@@ -166,6 +166,11 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
             assert (m.local_trials, new.local_trials) == (8, None)
             assert default_local_trials(1024) is None
             mine.pop("local_trials"), theirs.pop("local_trials")
+            # and k-means++ then 50 / 20 Lloyd iterations, the library's start at this K
+            assert (new.init, new.iters) == (None, None)
+            assert m.start(1024) == new.start(1024) == (m.init, m.iters)
+            for key in ("init", "iters"):
+                mine.pop(key), theirs.pop(key)
         simple = (int, float, str, bool, tuple, type(None))
         assert {k: v for k, v in mine.items() if isinstance(v, simple)} == {
             k: v for k, v in theirs.items() if isinstance(v, simple)
@@ -179,20 +184,25 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
     the emoji study's."""
     from benchmarks.utilization.report import paths_for
 
-    # (K, row): (reservoir vectors, k-means++ candidates per step). The default's seeding is the
-    # library's (greedy up to 8,192 codes, one candidate above); rows measured before keep
-    # greedy seeding (2 + ln K: 11 at 16,384) at every K.
+    # (K, row): (reservoir vectors, k-means++ candidates per step, (init, Lloyd iterations) of
+    # KMeansInit, of KMeansReestimate). The default's k-means is the library's (greedy
+    # k-means++ and 50 / 20 iterations up to 8,192 codes, a random start and 1 iteration
+    # above); rows measured before keep k-means++ and 50 / 20 iterations, most of them with
+    # greedy seeding (2 + ln K: 11 at 16,384), at every K.
+    pp, rand = (("k-means++", 50), ("k-means++", 20)), (("random", 1), ("random", 1))
     wants = {
-        (8192, "default"): (32768, None),
-        (16384, "default"): (65536, 1),
-        (16384, "default_greedy"): (65536, 11),
-        (8192, "vqfr_full"): (16384, 11),
-        (16384, "vqfr_full"): (32768, 11),
-        (16384, "dead_restart"): (32768, 11),
-        (16384, "full_res2"): (32768, 11),
-        (16384, "kmeans_init"): (32768, 11),
+        (8192, "default"): (32768, None, pp),
+        (16384, "default"): (65536, 1, rand),
+        (16384, "default_pp"): (65536, 1, pp),
+        (16384, "default_greedy"): (65536, 11, pp),
+        (16384, "default_random"): (65536, 1, (("random", 50), ("random", 20))),
+        (8192, "vqfr_full"): (16384, 11, pp),
+        (16384, "vqfr_full"): (32768, 11, pp),
+        (16384, "dead_restart"): (32768, 11, pp),
+        (16384, "full_res2"): (32768, 11, pp),
+        (16384, "kmeans_init"): (32768, 11, pp[:1]),
     }
-    for (k, name), (size, trials) in wants.items():
+    for (k, name), (size, trials, starts) in wants.items():
         q = build_quantizer(name, _ctx(quickstart, k=k, scale=1.0))
         strategies = [m for m in q.maintenance if isinstance(m, (KMeansInit, KMeansReestimate))]
         assert len(strategies) == (1 if name == "kmeans_init" else 2), (name, k)
@@ -204,6 +214,7 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
             for m in strategies
         }
         assert got == {trials}, (name, k, got)
+        assert tuple(m.start(k) for m in strategies) == starts, (name, k)
     assert paths_for("emoji") == (JSON_REL, MD_REL)
     assert [p.name for p in paths_for("avatars")] == ["large_k_study.json", "large_k_study.md"]
     with pytest.raises(SystemExit):

@@ -90,10 +90,11 @@ def _scaled_quantizer_config(
     """The YAML's quantizer with another codebook size and its step counts times ``scale``.
 
     ``pin_reservoir``: the rules the stored rows were measured with: every reservoir holds
-    ``max(16384, 2 * codebook_size)`` vectors and k-means++ is greedy
-    (``vqkit.quantize.kmeans.greedy_local_trials``) at every K; False keeps the YAML's own and
-    the library's defaults (``vqkit.quantize.default_reservoir_size``,
-    ``default_local_trials``)."""
+    ``max(16384, 2 * codebook_size)`` vectors and k-means is greedy k-means++
+    (``vqkit.quantize.kmeans.greedy_local_trials``) then 50 (init) or 20 (re-estimation) Lloyd
+    iterations at every K (``measured_kmeans``); False keeps the YAML's own and the library's
+    defaults (``vqkit.quantize.default_reservoir_size``, ``default_local_trials``,
+    ``default_kmeans_start``)."""
     q = copy.deepcopy(qcfg)
     q["init_args"]["codebook_size"] = codebook_size
     for m in q["init_args"].get("maintenance", []):
@@ -102,16 +103,30 @@ def _scaled_quantizer_config(
             a["reservoir_size"] = max(
                 a["reservoir_size"] or STUDY_RESERVOIR, STUDY_RESERVOIR_PER_CODE * codebook_size
             )
-        if pin_reservoir and m["class_path"].rsplit(".", 1)[-1] in (
-            "KMeansInit",
-            "KMeansReestimate",
-        ):
+        name = m["class_path"].rsplit(".", 1)[-1]
+        if pin_reservoir and name in KMEANS_ITERS:
             a.setdefault("local_trials", greedy_local_trials(codebook_size))
+            for key, value in measured_kmeans(name).items():
+                a.setdefault(key, value)
         if scale != 1.0:
             for key in ("warmup_steps", "every", "until"):
                 if key in a:
                     a[key] = scale_steps(a[key], scale, floor=0 if key == "warmup_steps" else 1)
     return q
+
+
+# Lloyd iterations of the k-means strategies until 2026-12-06, when every row but the default
+# was measured: k-means++ then these many iterations at every K (the library's defaults up to
+# 8,192 codes, vqkit.quantize.default_kmeans_start)
+KMEANS_ITERS = {
+    "KMeansInit": KMeansInit.DEFAULT_ITERS,
+    "KMeansReestimate": KMeansReestimate.DEFAULT_ITERS,
+}
+
+
+def measured_kmeans(strategy: str) -> dict[str, Any]:
+    """The start of a k-means strategy (class name) as the stored rows ran it at every K."""
+    return {"init": "k-means++", "iters": KMEANS_ITERS[strategy]}
 
 
 def build_from_config(qcfg: dict) -> VectorQuantizer:
@@ -158,19 +173,28 @@ def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
 
 
 def _default_with(
-    ctx: Ctx, *, pin_reservoir: bool = False, kmeans: dict | None = None, **reestimate: Any
+    ctx: Ctx,
+    *,
+    pin_reservoir: bool = False,
+    measured: bool = False,
+    kmeans: dict | None = None,
+    **reestimate: Any,
 ) -> VectorQuantizer:
     """The quickstart's quantizer, its schedules scaled by ``ctx.scale``, with ``reestimate``
     overriding its ``KMeansReestimate`` arguments and ``kmeans`` those of both its k-means
     strategies (none: the default row); ``pin_reservoir``: the study's reservoir rule instead
-    of the YAML's (see ``_scaled_quantizer_config``)."""
+    of the YAML's (see ``_scaled_quantizer_config``); ``measured``: k-means++ and 50 / 20 Lloyd
+    iterations at every K (``measured_kmeans``) under ``kmeans``."""
     q = _scaled_quantizer_config(
         ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale, pin_reservoir=pin_reservoir
     )
     for m in q["init_args"].get("maintenance", []):
         name = m["class_path"].rsplit(".", 1)[-1]
-        if name in ("KMeansInit", "KMeansReestimate"):
-            m.setdefault("init_args", {}).update(kmeans or {})
+        if name in KMEANS_ITERS:
+            a = m.setdefault("init_args", {})
+            if measured:
+                a.update(measured_kmeans(name))
+            a.update(kmeans or {})
         if name == "KMeansReestimate":
             m["init_args"].update(reestimate)
     return build_from_config(q)
@@ -280,7 +304,8 @@ ROWS: dict[str, Row] = {
         lambda c: _default_with(c),
         "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser "
         "(reservoirs of 4 vectors per code, at least 16,384; its runs with 2 per code, made "
-        "before, are row 13)",
+        "before, are row 13; past 8,192 codes its k-means starts at random reservoir vectors "
+        "for 1 Lloyd iteration, its runs with k-means++ and 50 / 20 iterations are row 16)",
     ),
     "dead_restart": Row(
         12,
@@ -300,17 +325,29 @@ ROWS: dict[str, Row] = {
     "default_greedy": Row(
         14,
         "default with greedy k-means++ at every K (the default of commits 5ab8def-c2015f5)",
-        lambda c: _default_with(c, kmeans={"local_trials": greedy_local_trials(c.codebook_size)}),
-        "row 11 with local_trials=2 + ln K on KMeansInit and KMeansReestimate: scikit-learn's "
-        "greedy k-means++ past 8,192 codes too, where the default seeds with one candidate per "
+        lambda c: _default_with(
+            c, measured=True, kmeans={"local_trials": greedy_local_trials(c.codebook_size)}
+        ),
+        "row 16 with local_trials=2 + ln K on KMeansInit and KMeansReestimate: scikit-learn's "
+        "greedy k-means++ past 8,192 codes too, where row 16 seeds with one candidate per "
         "step; the same quantizer as row 11 up to K = 8,192",
     ),
     "default_random": Row(
         15,
         "default with a random k-means start",
-        lambda c: _default_with(c, kmeans={"init": "random"}),
-        "row 11 with init='random' on KMeansInit and KMeansReestimate: Lloyd starts from "
-        "distinct random reservoir vectors, no k-means++ seeding",
+        lambda c: _default_with(c, measured=True, kmeans={"init": "random"}),
+        "row 16 with init='random' on KMeansInit and KMeansReestimate: Lloyd (50 / 20 "
+        "iterations) starts from distinct random reservoir vectors, no k-means++ seeding",
+    ),
+    "default_pp": Row(
+        16,
+        "default with k-means++ and 50 / 20 Lloyd iterations at every K (the default of "
+        "commits ddbfa0b-d67b169)",
+        lambda c: _default_with(c, measured=True),
+        "row 11 with init='k-means++' and iters=50 (KMeansInit) / 20 (KMeansReestimate): "
+        "past 8,192 codes plain k-means++ seeding and Lloyd to convergence, where the default "
+        "starts at random reservoir vectors for 1 Lloyd iteration; the same quantizer as row "
+        "11 up to K = 8,192",
     ),
 }
 

@@ -10,6 +10,7 @@ from .maintenance import (
     LowUsageReset,
     Maintenance,
     MaintenanceEvent,
+    default_kmeans_start,
     default_local_trials,
     default_reservoir_size,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ReservoirSampler",
     "UsageStats",
     "VectorQuantizer",
+    "default_kmeans_start",
     "default_local_trials",
     "default_reservoir_size",
     "kmeans",

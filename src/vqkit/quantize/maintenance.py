@@ -126,9 +126,13 @@ def default_reservoir_size(codebook_size: int) -> int:
     return max(MIN_RESERVOIR, RESERVOIR_PER_CODE * codebook_size)
 
 
-# Up to this many codes the k-means strategies seed greedily (scikit-learn's best of 2 + ln K
-# candidates per step) when ``local_trials`` is None; above it, plain k-means++.
-GREEDY_SEEDING_MAX_CODES = 8192
+# Up to this many codes the k-means strategies run the k-means every figure of the shipped
+# configs was measured with: greedy k-means++ (scikit-learn's best of 2 + ln K candidates per
+# step), then Lloyd to convergence. Above it their defaults (``init``, ``iters`` and
+# ``local_trials`` None) run a cheap one: see ``default_kmeans_start``.
+FULL_KMEANS_MAX_CODES = 8192
+# Lloyd iterations past FULL_KMEANS_MAX_CODES codes when ``iters`` is None
+LARGE_CODEBOOK_ITERS = 1
 
 
 def default_local_trials(codebook_size: int) -> int | None:
@@ -137,8 +141,23 @@ def default_local_trials(codebook_size: int) -> int | None:
     k-means++) above. Greedy seeding costs ``K * (2 + ln K)`` passes over a reservoir of 4 x K
     vectors, so it grows as K^2 ln K: at 16,384 codes it was two thirds of a CPU study run (431 s
     against 228 s with plain seeding) for the same codes used (99.6% and 99.55%) and PSNR
-    (17.13 and 17.14 dB, docs/avatars.md)."""
-    return None if codebook_size <= GREEDY_SEEDING_MAX_CODES else 1
+    (17.13 and 17.14 dB, docs/avatars.md). Past 8,192 codes the strategies start at random
+    reservoir vectors by default (:func:`default_kmeans_start`), so this applies there only to
+    an explicit ``init="k-means++"``."""
+    return None if codebook_size <= FULL_KMEANS_MAX_CODES else 1
+
+
+def default_kmeans_start(codebook_size: int, iters: int) -> tuple[str, int]:
+    """(init, Lloyd iterations) of ``KMeansInit`` / ``KMeansReestimate`` when their ``init`` /
+    ``iters`` are None; ``iters`` is the strategy's own count (50 for the init, 20 for the
+    re-estimation). Up to 8,192 codes: k-means++ and ``iters``. Above: ``"random"`` (distinct
+    reservoir vectors) and 1 Lloyd iteration. With 2-4 reservoir vectors per code, seeding and
+    further iterations barely move the codes but cost a pass over the reservoir each (N x K x D):
+    on the avatar study this start used as many codes with the same PSNR as plain k-means++ and
+    20 iterations, at a fraction of the k-means time (docs/quantizer.md, "Large codebooks")."""
+    if codebook_size <= FULL_KMEANS_MAX_CODES:
+        return "k-means++", iters
+    return "random", LARGE_CODEBOOK_ITERS
 
 
 def _check_reservoir_size(size: int | None) -> None:
@@ -186,10 +205,22 @@ def _feed(quantizer: CodebookOwner, reservoir: ReservoirSampler, z: Tensor) -> N
 _INITS = ("k-means++", "random")
 
 
-def _check_init(init: str) -> str:
-    if init not in _INITS:
-        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+def _check_init(init: str | None) -> str | None:
+    if init is not None and init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS} or None, got {init!r}")
     return init
+
+
+def _check_iters(iters: int | None) -> int | None:
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
+        raise ValueError(f"iters must be an int >= 0 or None, got {iters!r}")
+    return iters
+
+
+def _start(init: str | None, iters: int | None, codebook_size: int, own: int) -> tuple[str, int]:
+    """(init, iters) a strategy runs: its own where set, :func:`default_kmeans_start`'s else."""
+    d_init, d_iters = default_kmeans_start(codebook_size, own)
+    return (d_init if init is None else init), (d_iters if iters is None else iters)
 
 
 def _trials(local_trials: int | None, codebook_size: int) -> int | None:
@@ -203,6 +234,10 @@ def _start_text(init: str, local_trials: int | None) -> str:
     if local_trials is not None:
         return f", k-means++ with {local_trials} candidate{'s' * (local_trials > 1)} per step"
     return ""
+
+
+def _iters_text(iters: int) -> str:
+    return f"{iters} iteration{'s' * (iters != 1)}"
 
 
 def _tokens_per_step(quantizer: CodebookOwner, z: Tensor) -> int:
@@ -241,10 +276,12 @@ class KMeansInit(_Cached):
     ``warmup_steps=0`` initializes from the first batch(es), like ``kmeans_init`` elsewhere; if
     the reservoir still holds fewer vectors than codes, it keeps filling and retries each step.
     ``init``: how k-means starts, ``"k-means++"`` or ``"random"`` (distinct reservoir vectors,
-    no seeding). ``local_trials``: candidates per k-means++ step; None is
-    :func:`default_local_trials`: scikit-learn's greedy best of ``2 + ln K`` up to 8,192 codes,
-    plain k-means++ (1) above, where greedy seeding (``K * (2 + ln K)`` passes over the
-    reservoir) would dominate the run.
+    no seeding); ``iters``: Lloyd iterations at most. None (the default) is
+    :func:`default_kmeans_start`: k-means++ and 50 iterations up to 8,192 codes, a random start
+    and 1 iteration above, where every pass over the reservoir costs N x K x D.
+    ``local_trials``: candidates per k-means++ step; None is :func:`default_local_trials`:
+    scikit-learn's greedy best of ``2 + ln K`` up to 8,192 codes, plain k-means++ (1) above,
+    where greedy seeding (``K * (2 + ln K)`` passes over the reservoir) would dominate the run.
     ``reservoir_size``: vectors kept (None: :func:`default_reservoir_size`,
     4 per code, at least 16,384); strategies with the same size, dtype, device and seed share one.
     """
@@ -254,8 +291,8 @@ class KMeansInit(_Cached):
         warmup_steps: int = 0,
         reservoir_size: int | None = None,
         *,
-        iters: int = 50,
-        init: str = "k-means++",
+        iters: int | None = None,
+        init: str | None = None,
         local_trials: int | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
@@ -265,10 +302,9 @@ class KMeansInit(_Cached):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         _check_reservoir_size(reservoir_size)
-        _check_positive("iters", iters)
         self.warmup_steps = warmup_steps
         self.reservoir_size = reservoir_size
-        self.iters = iters
+        self.iters = _check_iters(iters)
         self.init = _check_init(init)
         self.local_trials = check_local_trials(local_trials)
         self.seed = seed
@@ -306,13 +342,14 @@ class KMeansInit(_Cached):
             )
             return False
         t0 = time.perf_counter()
+        init, iters = self.start(k)
         centers, counts, inertia = _kmeans_on_rank0(
             quantizer,
             x,
             step,
             self.seed,
-            self.iters,
-            init=self.init,
+            iters,
+            init=init,
             local_trials=_trials(self.local_trials, k),
         )
         counts = counts * _tokens_per_step(quantizer, z) / x.shape[0]
@@ -326,15 +363,22 @@ class KMeansInit(_Cached):
         _emit(quantizer, event)
         return False
 
+    DEFAULT_ITERS = 50  # Lloyd iterations up to 8,192 codes when ``iters`` is None
+
+    def start(self, codebook_size: int) -> tuple[str, int]:
+        """(init, Lloyd iterations) this strategy runs at ``codebook_size`` codes."""
+        return _start(self.init, self.iters, codebook_size, self.DEFAULT_ITERS)
+
     def describe(self, quantizer: CodebookOwner) -> str:
         k = quantizer.codebook_size
         if self.warmup_steps == 0:
             when = "from the first batches"
         else:
             when = f"at step {self.warmup_steps} (steps before it pass through unquantized)"
-        start = _start_text(self.init, _trials(self.local_trials, k))
+        init, iters = self.start(k)
+        start = _start_text(init, _trials(self.local_trials, k))
         return (
-            f"k-means init: all {k} codes set to the k-means centers ({self.iters} iterations"
+            f"k-means init: all {k} codes set to the k-means centers ({_iters_text(iters)}"
             f"{start}) of a {self.reservoir.size}-vector reservoir {when}"
         )
 
@@ -354,8 +398,9 @@ class KMeansReestimate(Maintenance):
     step with no quantized step since quantization began (or since the last re-estimation) is
     skipped: during a ``KMeansInit`` warm-up and on its init step every code would look dead.
     ``init="random"`` starts the new centers at distinct random reservoir vectors instead of
-    k-means++ (see :class:`KMeansInit`: for very large codebooks off the GPU). ``local_trials`` and
-    ``reservoir_size`` as :class:`KMeansInit`'s.
+    k-means++. ``init`` and ``iters`` None (the default) are :func:`default_kmeans_start`:
+    k-means++ and 20 Lloyd iterations up to 8,192 codes, a random start and 1 iteration above.
+    ``local_trials`` and ``reservoir_size`` as :class:`KMeansInit`'s.
     """
 
     def __init__(
@@ -368,8 +413,8 @@ class KMeansReestimate(Maintenance):
         min_usage: int = 1,
         reset_reservoir: bool = True,
         warm_start: bool = False,
-        iters: int = 20,
-        init: str = "k-means++",
+        iters: int | None = None,
+        init: str | None = None,
         local_trials: int | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
@@ -380,7 +425,7 @@ class KMeansReestimate(Maintenance):
         if until is not None:
             _check_positive("until", until)
         _check_reservoir_size(reservoir_size)
-        _check_positive("iters", iters)
+        _check_iters(iters)
         if mode not in ("full", "dead"):
             raise ValueError(f"mode must be 'full' or 'dead', got {mode!r}")
         self.init = _check_init(init)
@@ -450,13 +495,15 @@ class KMeansReestimate(Maintenance):
         dev = quantizer.codebook.device
         t0 = time.perf_counter()
         if self.mode == "full":
-            init = quantizer.effective_codebook().detach() if self.warm_start else self.init
+            init, iters = self.start(k)
+            if self.warm_start:
+                init = quantizer.effective_codebook().detach()
             centers, counts, inertia = _kmeans_on_rank0(
                 quantizer,
                 x,
                 step,
                 self.seed,
-                self.iters,
+                iters,
                 init=init,
                 local_trials=_trials(self.local_trials, k),
             )
@@ -494,7 +541,8 @@ class KMeansReestimate(Maintenance):
         codes = quantizer.effective_codebook().detach().clone()
         seed = self.seed + step
         n_dead = int(dead.sum())
-        if self.init == "random":  # distinct reservoir vectors
+        init, iters = self.start(k)
+        if init == "random":  # distinct reservoir vectors
             g = torch.Generator(device=x.device).manual_seed(seed)
             codes[dead] = x[torch.randperm(x.shape[0], generator=g, device=x.device)[:n_dead]]
         else:
@@ -505,7 +553,7 @@ class KMeansReestimate(Maintenance):
                 existing=codes[~dead],
                 local_trials=_trials(self.local_trials, k),
             )
-        res = kmeans(x, k, init=codes, frozen=~dead, iters=self.iters, seed=seed)
+        res = kmeans(x, k, init=codes, frozen=~dead, iters=iters, seed=seed)
         return res.centers, torch.bincount(res.assignments, minlength=k).float(), res.inertia
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -550,11 +598,20 @@ class KMeansReestimate(Maintenance):
             steps += ", ".join(str(s) for s in fires)
         else:
             steps = f"steps {fires[0]}, {fires[1]}, ..., {fires[-1]}"
+        init, iters = self.start(k)
+        if self.warm_start and self.mode == "full":
+            init = "warm"  # Lloyd starts from the current codes
+        start = _start_text(init, _trials(self.local_trials, k))
         return (
             f"k-means re-estimation ({self.mode}) at {steps}: {what} k-means "
-            f"({self.iters} iterations{_start_text(self.init, _trials(self.local_trials, k))}) "
-            f"on a {self.reservoir.size}-vector reservoir"
+            f"({_iters_text(iters)}{start}) on a {self.reservoir.size}-vector reservoir"
         )
+
+    DEFAULT_ITERS = 20  # Lloyd iterations up to 8,192 codes when ``iters`` is None
+
+    def start(self, codebook_size: int) -> tuple[str, int]:
+        """(init, Lloyd iterations) this strategy runs at ``codebook_size`` codes."""
+        return _start(self.init, self.iters, codebook_size, self.DEFAULT_ITERS)
 
 
 class DeadCodeRestart(Maintenance):
