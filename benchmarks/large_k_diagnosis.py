@@ -48,8 +48,6 @@ from vqkit.data.images import ImageFolderDataset
 from vqkit.quantize.distance import nearest
 from vqkit.quantize.kmeans import kmeans
 
-TOKENS_PER_STEP = 2048  # batch 32 x an 8 x 8 grid
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -86,8 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     built = fetch_avatars(60000, 10000)
     clean = ImageFolderDataset(
-        built.train[:10000], 32, augment=False, flip_p=0.0, validate=False, cache=True
+        built.train[:10000], qs["image_size"], augment=False, flip_p=0.0, validate=False, cache=True
     )
+    # tokens of one training step: the batch times the code grid (32 x 8 x 8 = 2,048)
+    grid = qs["image_size"] // 2 ** (len(qs["model"]["channel_mult"]) - 1)
+    per_step = qs["batch_size"] * grid * grid
 
     def extra(model: torch.nn.Module) -> dict:
         model.eval()
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         r["random_sample_codes_on_val"] = utilization(zc[pick[:k]], zv)
         print(r, flush=True)
         for name, z, n in [
-            ("jit", zj, TOKENS_PER_STEP * 60),
-            ("clean", zc, TOKENS_PER_STEP * 60),
-            ("clean", zc, TOKENS_PER_STEP * 120),
-            ("clean", zc, TOKENS_PER_STEP * 240),
+            ("jit", zj, per_step * 60),
+            ("clean", zc, per_step * 60),
+            ("clean", zc, per_step * 120),
+            ("clean", zc, per_step * 240),
         ]:
             t = time.time()
             km = kmeans(z[:n], k, iters=3, local_trials=1, seed=0)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         # same distribution, no drift: fit on 60 steps' worth of validation tokens, count the
         # other half of the split
         half = zv.shape[0] // 2
-        km = kmeans(zv[: TOKENS_PER_STEP * 60], k, iters=3, local_trials=1, seed=0)
+        km = kmeans(zv[: per_step * 60], k, iters=3, local_trials=1, seed=0)
         r["kmeans_val122880_on_otherhalf"] = utilization(km.centers, zv[half:])
         r["trained_cb_on_val_half"] = utilization(cb, zv[half:])
         model.train()

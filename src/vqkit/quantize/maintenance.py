@@ -217,10 +217,20 @@ def _check_iters(iters: int | None) -> int | None:
     return iters
 
 
-def _start(init: str | None, iters: int | None, codebook_size: int, own: int) -> tuple[str, int]:
-    """(init, iters) a strategy runs: its own where set, :func:`default_kmeans_start`'s else."""
-    d_init, d_iters = default_kmeans_start(codebook_size, own)
-    return (d_init if init is None else init), (d_iters if iters is None else iters)
+class _KMeansStart:
+    """``start`` of the k-means strategies: their ``init`` / ``iters`` where set, else
+    :func:`default_kmeans_start` with the class's ``DEFAULT_ITERS``."""
+
+    DEFAULT_ITERS: int
+    init: str | None
+    iters: int | None
+
+    def start(self, codebook_size: int) -> tuple[str, int]:
+        """(init, Lloyd iterations) this strategy runs at ``codebook_size`` codes."""
+        init, iters = default_kmeans_start(codebook_size, self.DEFAULT_ITERS)
+        return (init if self.init is None else self.init), (
+            iters if self.iters is None else self.iters
+        )
 
 
 def _trials(local_trials: int | None, codebook_size: int) -> int | None:
@@ -270,7 +280,7 @@ class _Cached(Maintenance):
         super()._load_from_state_dict(*args, **kwargs)
 
 
-class KMeansInit(_Cached):
+class KMeansInit(_KMeansStart, _Cached):
     """Warm up unquantized while a reservoir fills, then set the codebook to its k-means centers.
 
     ``warmup_steps=0`` initializes from the first batch(es), like ``kmeans_init`` elsewhere; if
@@ -285,6 +295,8 @@ class KMeansInit(_Cached):
     ``reservoir_size``: vectors kept (None: :func:`default_reservoir_size`,
     4 per code, at least 16,384); strategies with the same size, dtype, device and seed share one.
     """
+
+    DEFAULT_ITERS = 50  # Lloyd iterations up to 8,192 codes when ``iters`` is None
 
     def __init__(
         self,
@@ -363,12 +375,6 @@ class KMeansInit(_Cached):
         _emit(quantizer, event)
         return False
 
-    DEFAULT_ITERS = 50  # Lloyd iterations up to 8,192 codes when ``iters`` is None
-
-    def start(self, codebook_size: int) -> tuple[str, int]:
-        """(init, Lloyd iterations) this strategy runs at ``codebook_size`` codes."""
-        return _start(self.init, self.iters, codebook_size, self.DEFAULT_ITERS)
-
     def describe(self, quantizer: CodebookOwner) -> str:
         k = quantizer.codebook_size
         if self.warmup_steps == 0:
@@ -386,7 +392,7 @@ class KMeansInit(_Cached):
         return f"warmup_steps={self.warmup_steps}, reservoir_size={self.reservoir_size}"
 
 
-class KMeansReestimate(Maintenance):
+class KMeansReestimate(_KMeansStart, Maintenance):
     """Periodic k-means re-estimation from a reservoir of encoder outputs (VQFR), fixed.
 
     ``mode="full"`` replaces the whole codebook by the k-means centers of the reservoir, as VQFR
@@ -402,6 +408,8 @@ class KMeansReestimate(Maintenance):
     k-means++ and 20 Lloyd iterations up to 8,192 codes, a random start and 1 iteration above.
     ``local_trials`` and ``reservoir_size`` as :class:`KMeansInit`'s.
     """
+
+    DEFAULT_ITERS = 20  # Lloyd iterations up to 8,192 codes when ``iters`` is None
 
     def __init__(
         self,
@@ -606,12 +614,6 @@ class KMeansReestimate(Maintenance):
             f"k-means re-estimation ({self.mode}) at {steps}: {what} k-means "
             f"({_iters_text(iters)}{start}) on a {self.reservoir.size}-vector reservoir"
         )
-
-    DEFAULT_ITERS = 20  # Lloyd iterations up to 8,192 codes when ``iters`` is None
-
-    def start(self, codebook_size: int) -> tuple[str, int]:
-        """(init, Lloyd iterations) this strategy runs at ``codebook_size`` codes."""
-        return _start(self.init, self.iters, codebook_size, self.DEFAULT_ITERS)
 
 
 class DeadCodeRestart(Maintenance):
