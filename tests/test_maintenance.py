@@ -196,6 +196,17 @@ def test_large_codebooks_start_at_random_vectors_for_one_iteration(monkeypatch):
     re = KMeansReestimate(every=2, until=None, reservoir_size=256, init="k-means++", iters=4)
     vq = VectorQuantizer(3, 16, maintenance=[re]).train()
     assert "(4 iterations, k-means++ with 1 candidate per step)" in re.describe(vq)
+    # iters=0: the codes are the start itself, K distinct reservoir vectors
+    zero = KMeansInit(warmup_steps=1, reservoir_size=400, iters=0)
+    vq = VectorQuantizer(3, 16, maintenance=[zero]).train()
+    vq(data[:200])
+    full = torch.cat([zero.reservoir.contents().clone(), data[200:400]])
+    vq(data[200:400])
+    picked = kmeans(full, 16, iters=0, seed=1, init="random").centers
+    assert torch.equal(vq.codebook.detach(), picked)
+    # each code is, bitwise, one of the reservoir's rows
+    assert (picked[:, None, :] == full[None]).all(-1).any(1).all()
+    assert "(0 iterations, random start)" in zero.describe(vq)
     with pytest.raises(ValueError, match="iters must be an int >= 0 or None, got -1"):
         KMeansInit(iters=-1)
 
