@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from torch import Tensor
 
 from vqkit import (
     DeadCodeRestart,
@@ -427,6 +428,45 @@ def test_default_reservoir_is_four_vectors_per_code_at_least_16384():
         VectorQuantizer(2, 8, maintenance=[KMeansInit(reservoir_size=4)])
     with pytest.raises(ValueError, match="reservoir_size must be > 0"):
         KMeansReestimate(reservoir_size=0)
+
+
+def test_dead_code_restart_floor_bounds_the_threshold_from_below():
+    """With few tokens per code a step, a quarter of the uniform rate is tiny and a code the
+    encoder has left stays "alive" for a hundred steps; ``floor`` (tokens per step) bounds the
+    threshold from below. 64 codes, 16 tokens a step: the relative threshold is 0.0625. Codes
+    0-15 sit at an EMA usage of 0.08 and get no token this step (0.0792 after it): alive for the
+    relative threshold, dead under a floor of 0.1. The hot codes are never touched."""
+    from vqkit import DeadCodeRestart, VectorQuantizer
+
+    def replaced(floor: float) -> tuple[Tensor, list]:
+        torch.manual_seed(0)
+        restart = DeadCodeRestart(0.25, relative=True, floor=floor)
+        vq = VectorQuantizer(4, 64, maintenance=[restart])
+        vq.train()
+        vq.usage.ema_counts[:16] = 0.08
+        vq.usage.ema_counts[16:] = 5.0
+        vq.usage.ema_started.fill_(True)
+        z = vq.codebook.detach()[16:32].clone()  # each token sits on a hot code
+        vq(z)
+        return vq.replaced_mask.clone(), vq.pop_events()
+
+    mask, events = replaced(0.0)
+    assert not mask.any() and not [e for e in events if e.strategy == "dead-code restart"]
+    mask, events = replaced(0.1)
+    assert torch.equal(mask, torch.arange(64) < 16)
+    (event,) = [e for e in events if e.strategy == "dead-code restart"]
+    assert event.codes_replaced == 16 and "below 0.1;" in event.detail, event.detail
+    # a floor under the relative threshold changes nothing
+    mask, _ = replaced(0.05)
+    assert not mask.any()
+    vq = VectorQuantizer(4, 64, maintenance=[DeadCodeRestart(0.25, relative=True, floor=0.0625)])
+    text = " ".join(vq.describe_schedule())
+    want = "below the larger of 0.25 x the uniform rate (tokens per step / 64) and 0.0625 tokens"
+    assert want in text, text
+    assert "floor=0.0625" in repr(vq.maintenance[0])
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"floor must be >= 0 \(tokens per step\), got"):
+            DeadCodeRestart(floor=bad)
 
 
 def test_kmeans_init_starts_the_usage_average_a_restart_reads():

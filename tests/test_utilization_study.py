@@ -171,6 +171,11 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
             assert m.start(1024) == new.start(1024) == (m.init, m.iters)
             for key in ("init", "iters"):
                 mine.pop(key), theirs.pop(key)
+        if isinstance(m, DeadCodeRestart):
+            # the stored rows keep the restart without its floor; at this K the relative
+            # threshold (0.25 x 2,048 / 1,024 = 0.5 per step) is above it either way
+            assert (m.floor, new.floor) == (0.0, qargs["maintenance"][2]["init_args"]["floor"])
+            mine.pop("floor"), theirs.pop("floor")
         simple = (int, float, str, bool, tuple, type(None))
         assert {k: v for k, v in mine.items() if isinstance(v, simple)} == {
             k: v for k, v in theirs.items() if isinstance(v, simple)
@@ -196,6 +201,8 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
         (16384, "default_pp"): (65536, 1, pp),
         (16384, "default_greedy"): (65536, 11, pp),
         (16384, "default_random"): (65536, 1, (("random", 50), ("random", 20))),
+        (16384, "default_nofloor"): (65536, 1, rand),
+        (65536, "restart_floor8"): (262144, 1, rand),
         (8192, "vqfr_full"): (16384, 11, pp),
         (16384, "vqfr_full"): (32768, 11, pp),
         (16384, "dead_restart"): (32768, 11, pp),
@@ -215,10 +222,38 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
         }
         assert got == {trials}, (name, k, got)
         assert tuple(m.start(k) for m in strategies) == starts, (name, k)
+        # the default's restart has the YAML's floor (1/16 token per step); the stored rows
+        # were measured without one
+        restarts = [m.floor for m in q.maintenance if isinstance(m, DeadCodeRestart)]
+        floor = {"default": 0.0625, "restart_floor8": 0.125}.get(name, 0.0)
+        want = [] if name in ("vqfr_full", "kmeans_init") else [floor]
+        assert restarts == want, (name, k, restarts)
     assert paths_for("emoji") == (JSON_REL, MD_REL)
     assert [p.name for p in paths_for("avatars")] == ["large_k_study.json", "large_k_study.md"]
     with pytest.raises(SystemExit):
         U.parse_args(["--train-images", "10"])  # the emoji study has its own split
+
+
+def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
+    """Rows 17-21 (the sweep that chose the default's floor) are the default with only the
+    dead-code restart's threshold / floor or the usage average's decay changed."""
+    ctx = _ctx(quickstart, k=16384, scale=0.3)
+    base = build_quantizer("default", ctx)
+    wants = {
+        "default": (0.25, 0.0625, 0.99),
+        "default_nofloor": (0.25, 0.0, 0.99),
+        "restart_rel1": (1.0, 0.0, 0.99),
+        "restart_floor8": (0.25, 0.125, 0.99),
+        "usage_decay95": (0.25, 0.0, 0.95),
+        "restart_rel1_decay95": (1.0, 0.0, 0.95),
+    }
+    for name, want in wants.items():
+        q = build_quantizer(name, ctx)
+        *others, restart = q.maintenance
+        assert isinstance(restart, DeadCodeRestart) and restart.relative, name
+        assert (restart.threshold, restart.floor, q.usage.ema_decay) == want, name
+        assert [repr(m) for m in others] == [repr(m) for m in base.maintenance[:-1]], name
+        assert q.ema.decay == base.ema.decay and q.codebook_size == 16384
 
 
 def test_low_usage_reset_replaces_its_share(quickstart: dict) -> None:

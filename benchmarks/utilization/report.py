@@ -507,7 +507,8 @@ def markdown(
     if flip is not None:
         lines += flip_section(flip)
     lines += ["## Rows", ""]
-    lines += [f"{ROWS[n].number}. `{n}`: {ROWS[n].recipe}." for n in ROWS]
+    ran = {r["row"] for r in result["runs"]}
+    lines += [f"- row {ROWS[n].number}, `{n}`: {ROWS[n].recipe}." for n in ROWS if n in ran]
     return "\n".join(lines) + "\n"
 
 

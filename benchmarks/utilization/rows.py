@@ -124,6 +124,12 @@ KMEANS_ITERS = {
 }
 
 
+# The dead-code restart of every row but the default until 2026-12-06: no floor under its
+# relative threshold (DeadCodeRestart's floor binds only below 1/4 token per code a step:
+# K > 8,192 at the study's 2,048 tokens a step)
+MEASURED_RESTART = {"floor": 0.0}
+
+
 def measured_kmeans(strategy: str) -> dict[str, Any]:
     """The start of a k-means strategy (class name) as the stored rows ran it at every K."""
     return {"init": "k-means++", "iters": KMEANS_ITERS[strategy]}
@@ -178,18 +184,29 @@ def _default_with(
     pin_reservoir: bool = False,
     measured: bool = False,
     kmeans: dict | None = None,
+    restart: dict | None = None,
+    quantizer: dict | None = None,
     **reestimate: Any,
 ) -> VectorQuantizer:
     """The quickstart's quantizer, its schedules scaled by ``ctx.scale``, with ``reestimate``
     overriding its ``KMeansReestimate`` arguments and ``kmeans`` those of both its k-means
     strategies (none: the default row); ``pin_reservoir``: the study's reservoir rule instead
     of the YAML's (see ``_scaled_quantizer_config``); ``measured``: k-means++ and 50 / 20 Lloyd
-    iterations at every K (``measured_kmeans``) under ``kmeans``."""
+    iterations at every K (``measured_kmeans``) under ``kmeans``. Either one also keeps the
+    dead-code restart without its floor (``MEASURED_RESTART``), as those rows were measured;
+    ``restart`` then overrides the ``DeadCodeRestart`` arguments, ``quantizer`` the
+    ``VectorQuantizer``'s own."""
     q = _scaled_quantizer_config(
         ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale, pin_reservoir=pin_reservoir
     )
+    q["init_args"].update(quantizer or {})
     for m in q["init_args"].get("maintenance", []):
         name = m["class_path"].rsplit(".", 1)[-1]
+        if name == "DeadCodeRestart":
+            a = m.setdefault("init_args", {})
+            if pin_reservoir or measured:
+                a.update(MEASURED_RESTART)
+            a.update(restart or {})
         if name in KMEANS_ITERS:
             a = m.setdefault("init_args", {})
             if measured:
@@ -305,7 +322,9 @@ ROWS: dict[str, Row] = {
         "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser "
         "(reservoirs of 4 vectors per code, at least 16,384; its runs with 2 per code, made "
         "before, are row 13; past 8,192 codes its k-means starts at random reservoir vectors "
-        "for 1 Lloyd iteration, its runs with k-means++ and 50 / 20 iterations are row 16)",
+        "for 1 Lloyd iteration, its runs with k-means++ and 50 / 20 iterations are row 16; "
+        "its dead-code restart has a floor of 1/16 token per step, its runs without one are "
+        "row 17)",
     ),
     "dead_restart": Row(
         12,
@@ -348,6 +367,47 @@ ROWS: dict[str, Row] = {
         "past 8,192 codes plain k-means++ seeding and Lloyd to convergence, where the default "
         "starts at random reservoir vectors for 1 Lloyd iteration; the same quantizer as row "
         "11 up to K = 8,192",
+    ),
+    "default_nofloor": Row(
+        17,
+        "default without the restart's floor (the default of commits 6c20a36-db53605)",
+        lambda c: _default_with(c, restart=MEASURED_RESTART),
+        "row 11 with DeadCodeRestart(floor=0): codes restart below 0.25 x the uniform rate "
+        "alone, where row 11 also restarts every code below 1/16 token per step (they differ "
+        "past 8,192 codes at 2,048 tokens a step)",
+    ),
+    # rows 18-21: the restart sweep at 65,536 codes that chose row 11's floor
+    # (benchmarks/results/large_k_restart_sweep.json); row 11 is the floor of 1/16
+    "restart_rel1": Row(
+        18,
+        "default, restart at 1 x the uniform rate, no floor",
+        lambda c: _default_with(c, restart={**MEASURED_RESTART, "threshold": 1.0}),
+        "row 17 with DeadCodeRestart(threshold=1.0, relative=True): a code restarts below the "
+        "uniform rate, tokens per step / K",
+    ),
+    "restart_floor8": Row(
+        19,
+        "default with a restart floor of 1/8",
+        lambda c: _default_with(c, restart={"floor": 0.125}),
+        "row 11 with DeadCodeRestart(floor=0.125): every code below 1/8 token per step restarts",
+    ),
+    "usage_decay95": Row(
+        20,
+        "default, usage average decay 0.95, no floor",
+        lambda c: _default_with(c, restart=MEASURED_RESTART, quantizer={"usage_decay": 0.95}),
+        "row 17 with VectorQuantizer(usage_decay=0.95): the EMA usage the restart reads "
+        "averages about 20 steps instead of 100, so an unused code falls under the threshold "
+        "about 5 times sooner",
+    ),
+    "restart_rel1_decay95": Row(
+        21,
+        "default, restart at 1 x the uniform rate and usage decay 0.95, no floor",
+        lambda c: _default_with(
+            c,
+            restart={**MEASURED_RESTART, "threshold": 1.0},
+            quantizer={"usage_decay": 0.95},
+        ),
+        "rows 18 and 20 together",
     ),
 }
 

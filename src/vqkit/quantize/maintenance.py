@@ -628,6 +628,14 @@ class DeadCodeRestart(Maintenance):
     (0.25: a code used a quarter as often as a uniform codebook's), so one value fits any
     codebook and batch size; with more codes than tokens per step an absolute threshold of 1
     or 2 would read every code as dead.
+
+    ``floor`` (tokens per step, 0: off) is a lower bound on the threshold. It matters only when
+    a step holds few tokens per code, as with a large codebook on a small batch: there a quarter
+    of the uniform rate is far below one use per usage window, so a code that the encoder has
+    drifted away from keeps looking alive for a hundred steps or more, and restarts come too late.
+    With ``floor=1/16`` a code used less than once every 16 steps on average (about 6 times in
+    the default 100-step usage window) is dead at any codebook size; at 1,024 codes and 2,048
+    tokens per step the relative threshold (0.5 per step) is above it and nothing changes.
     """
 
     def __init__(
@@ -637,6 +645,7 @@ class DeadCodeRestart(Maintenance):
         *,
         every: int = 1,
         relative: bool = False,
+        floor: float = 0.0,
         reservoir_size: int | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
@@ -645,6 +654,8 @@ class DeadCodeRestart(Maintenance):
         super().__init__()
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
+        if not floor >= 0:  # also rejects NaN
+            raise ValueError(f"floor must be >= 0 (tokens per step), got {floor}")
         if source not in ("batch", "reservoir"):
             raise ValueError(f"source must be 'batch' or 'reservoir', got {source!r}")
         _check_positive("every", every)
@@ -653,6 +664,7 @@ class DeadCodeRestart(Maintenance):
         self.source = source
         self.every = every
         self.relative = relative
+        self.floor = floor
         self.reservoir_size = reservoir_size
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
@@ -684,6 +696,7 @@ class DeadCodeRestart(Maintenance):
         threshold = self.threshold
         if self.relative:  # counts are this step's, over every process
             threshold *= float(counts.sum()) / quantizer.codebook_size
+        threshold = max(threshold, self.floor)
         dead = quantizer.usage.ema_counts < threshold
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -726,6 +739,7 @@ class DeadCodeRestart(Maintenance):
 
     def extra_repr(self) -> str:
         rel = ", relative=True" if self.relative else ""
+        rel += f", floor={self.floor:g}" if self.floor else ""
         return f"threshold={self.threshold}{rel}, source={self.source!r}, every={self.every}"
 
     def describe(self, quantizer: CodebookOwner) -> str:
@@ -738,6 +752,8 @@ class DeadCodeRestart(Maintenance):
             if self.relative
             else f"{self.threshold:g}"
         )
+        if self.floor:
+            below = f"the larger of {below} and {self.floor:g} tokens per step"
         return (
             f"dead-code restart {when}: codes whose EMA usage falls below {below} "
             f"restart at random encoder outputs from {pool}"
