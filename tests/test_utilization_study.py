@@ -235,7 +235,7 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
 
 
 def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
-    """Rows 17-21 (the sweep that chose the default's floor) are the default with only the
+    """Rows 17-22 (the sweep that chose the default's floor) are the default with only the
     dead-code restart's threshold / floor or the usage average's decay changed."""
     ctx = _ctx(quickstart, k=16384, scale=0.3)
     base = build_quantizer("default", ctx)
@@ -246,6 +246,7 @@ def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
         "restart_floor8": (0.25, 0.125, 0.99),
         "usage_decay95": (0.25, 0.0, 0.95),
         "restart_rel1_decay95": (1.0, 0.0, 0.95),
+        "floor_decay95": (0.25, 0.0625, 0.95),
     }
     for name, want in wants.items():
         q = build_quantizer(name, ctx)

@@ -376,7 +376,7 @@ ROWS: dict[str, Row] = {
         "alone, where row 11 also restarts every code below 1/16 token per step (they differ "
         "past 8,192 codes at 2,048 tokens a step)",
     ),
-    # rows 18-21: the restart sweep at 65,536 codes that chose row 11's floor
+    # rows 18-22: the restart sweep at 65,536 codes that chose row 11's floor
     # (benchmarks/results/large_k_restart_sweep.json); row 11 is the floor of 1/16
     "restart_rel1": Row(
         18,
@@ -408,6 +408,13 @@ ROWS: dict[str, Row] = {
             quantizer={"usage_decay": 0.95},
         ),
         "rows 18 and 20 together",
+    ),
+    "floor_decay95": Row(
+        22,
+        "default with usage average decay 0.95",
+        lambda c: _default_with(c, quantizer={"usage_decay": 0.95}),
+        "row 11 with VectorQuantizer(usage_decay=0.95): the floor of 1/16 token per step and "
+        "a usage average over about 20 steps (a change at every K, unlike the floor)",
     ),
 }
 
