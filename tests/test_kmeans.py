@@ -275,6 +275,28 @@ def test_existing_centers_pull_new_ones_elsewhere():
     assert hits >= 15
 
 
+def test_closest_stands_for_the_existing_centers():
+    """``closest`` (each point's squared distance to centers the caller holds) draws exactly
+    what ``existing`` draws: the same generator, the same weights."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(400, 5, generator=g)
+    existing = torch.randn(30, 5, generator=g)
+    # the distances the existing path computes itself (a quantizer's assignment uses the
+    # same function), so the weights are bitwise equal and so are the draws
+    _, closest = nearest(x, existing)
+    for seed in range(3):
+        for trials in (1, None):
+            a = kmeans_plusplus(x, 6, seed=seed, existing=existing, local_trials=trials)
+            b = kmeans_plusplus(x, 6, seed=seed, closest=closest, local_trials=trials)
+            assert torch.equal(a, b), (seed, trials)
+    # a point on an existing center (distance 0) is never drawn
+    closest = torch.ones(400)
+    closest[:395] = 0.0
+    c = kmeans_plusplus(x, 5, seed=0, closest=closest, local_trials=1)
+    assert {tuple(r) for r in c.tolist()} == {tuple(r) for r in x[395:].tolist()}
+    assert torch.equal(closest[:395], torch.zeros(395))  # the caller's tensor is not written
+
+
 def test_existing_empty_is_plain_kmeans_plusplus():
     x, _, _ = blobs(300, 5, 3, seed=16)
     c = kmeans_plusplus(x, 7, seed=1, existing=torch.empty(0, 3))
@@ -359,6 +381,18 @@ def test_cuda_matches_cpu():
         (
             lambda x: kmeans_plusplus(x, 2, existing=torch.zeros(4, 2)),
             r"existing must have shape \(M, 3\), got \(4, 2\)",
+        ),
+        (
+            lambda x: kmeans_plusplus(x, 2, existing=x[:1], closest=torch.ones(10)),
+            "pass existing or closest, not both",
+        ),
+        (
+            lambda x: kmeans_plusplus(x, 2, closest=torch.ones(9)),
+            r"closest must have shape \(10,\) \(one distance per point of x\), got \(9,\)",
+        ),
+        (
+            lambda x: kmeans_plusplus(x, 2, closest=torch.full((10,), -1.0)),
+            "closest must be finite squared distances >= 0",
         ),
     ],
 )

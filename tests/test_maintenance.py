@@ -469,6 +469,46 @@ def test_dead_code_restart_floor_bounds_the_threshold_from_below():
             DeadCodeRestart(floor=bad)
 
 
+def test_dead_code_restart_pick_kmeanspp_goes_where_the_codebook_covers_worst():
+    """``pick='k-means++'`` draws the new codes by their squared distance to the codebook:
+    a batch of 200 tokens sitting on hot codes (distance 0) and 6 far, distinct ones restarts
+    6 dead codes at exactly those 6; a uniform pick almost surely takes covered tokens. With
+    more dead codes than tokens the rest are uniform draws from the batch."""
+    from vqkit import DeadCodeRestart, VectorQuantizer
+
+    def restarted(pick: str, n_dead: int, far: Tensor, k: int = 64) -> tuple[Tensor, Tensor]:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(4, k, maintenance=[DeadCodeRestart(1.0, pick=pick)])
+        vq.train()
+        vq.usage.ema_counts[:n_dead] = 0.0
+        vq.usage.ema_counts[n_dead:] = 50.0
+        vq.usage.ema_started.fill_(True)
+        hot = vq.codebook.detach()[n_dead:]
+        z = torch.cat([hot[torch.arange(200) % hot.shape[0]], far])
+        vq(z)
+        assert torch.equal(vq.replaced_mask, torch.arange(k) < n_dead)
+        return vq.codebook.detach()[:n_dead].clone(), z
+
+    far = torch.randn(6, 4, generator=torch.Generator().manual_seed(3)) * 5 + 40
+    rows = lambda t: {tuple(r) for r in t.tolist()}  # noqa: E731
+    new, _ = restarted("k-means++", 6, far)
+    assert rows(new) == rows(far)
+    new, _ = restarted("random", 6, far)
+    assert len(rows(new) & rows(far)) < 6
+    # 250 dead codes of 300, 206 tokens: the 6 far ones by their weight, then (every weight
+    # zero) covered tokens, and past 206 uniform draws; every new code is a batch token
+    new, z = restarted("k-means++", 250, far, k=300)
+    assert rows(new) <= rows(z) and rows(far) <= rows(new)
+    vq = VectorQuantizer(4, 64, maintenance=[DeadCodeRestart(0.25, pick="k-means++")])
+    assert "restart at encoder outputs drawn by k-means++" in " ".join(vq.describe_schedule())
+    assert "pick='k-means++'" in repr(vq.maintenance[0])
+    assert "pick" not in repr(DeadCodeRestart())
+    with pytest.raises(ValueError, match="pick must be 'random' or 'k-means\\+\\+', got 'far'"):
+        DeadCodeRestart(pick="far")
+    with pytest.raises(ValueError, match="pick='k-means\\+\\+' needs source='batch'"):
+        DeadCodeRestart(source="reservoir", pick="k-means++")
+
+
 def test_kmeans_init_starts_the_usage_average_a_restart_reads():
     """With more codes than a batch has tokens, the first batch after k-means init leaves most
     codes unhit; the usage average must start from k-means' predicted counts, or a dead-code

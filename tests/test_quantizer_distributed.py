@@ -23,7 +23,7 @@ def _data(rank, step, n=64, d=4):
     return centers[lab] + 0.1 * torch.randn(n, d, generator=g)
 
 
-def _all_strategies(rank, world):
+def _all_strategies(rank, world, pick="random"):
     torch.manual_seed(rank)  # different initial codebooks: init must make them identical
     vq = VectorQuantizer(
         4,
@@ -32,7 +32,7 @@ def _all_strategies(rank, world):
         maintenance=[
             KMeansInit(warmup_steps=2, reservoir_size=128),
             KMeansReestimate(every=10, until=40, reservoir_size=128, mode="full"),
-            DeadCodeRestart(threshold=4.0),
+            DeadCodeRestart(threshold=4.0, pick=pick),
         ],
     ).train()
     snaps = {}
@@ -48,8 +48,9 @@ def _all_strategies(rank, world):
     }
 
 
-def test_codebooks_bitwise_identical_across_ranks():
-    r0, r1 = run_distributed(_all_strategies, 2)
+@pytest.mark.parametrize("pick", ["random", "k-means++"])
+def test_codebooks_bitwise_identical_across_ranks(pick):
+    r0, r1 = run_distributed(_all_strategies, 2, pick)
     assert r0["replacements"] > 5  # init, 3 re-estimations, restarts
     for step in r0["snaps"]:
         assert torch.equal(r0["snaps"][step], r1["snaps"][step]), f"step {step}"

@@ -209,6 +209,23 @@ def test_seed_config_maps_onto_vqkit_strategies():
     assert (re.every, re.reservoir_size, re.mode) == (2000, 256, "full")
     assert re.until is None  # re-estimates for the whole run, as the original does
     assert len(q.reservoirs) == 1  # k-means init and re-estimation share one reservoir
+    restart = q.maintenance[2]
+    assert (restart.threshold, restart.relative, restart.floor) == (0.25, True, 0.0)
+
+
+def test_dead_code_floor_reaches_the_restart():
+    sq = SparseVectorQuantizer.from_config({**SEED_ARGS, "dead_code_floor": 0.0625})
+    restart = sq.quantizer.maintenance[2]
+    assert (restart.threshold, restart.floor) == (0.25, 0.0625)
+    assert "and 0.0625 tokens per step" in " ".join(sq.quantizer.describe_schedule())
+    assert to_config(sq)["init_args"]["dead_code_floor"] == 0.0625
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"dead_code_floor must be >= 0 \(tokens per step\)"):
+            SparseVectorQuantizer.from_config({**SEED_ARGS, "dead_code_floor": bad})
+    with pytest.raises(ValueError, match="dead_code_threshold=0 turns off"):
+        SparseVectorQuantizer.from_config(
+            {**SEED_ARGS, "dead_code_threshold": 0, "dead_code_floor": 0.0625}
+        )
 
 
 def test_ema_mode_and_no_reestimation():

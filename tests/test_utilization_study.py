@@ -235,24 +235,27 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
 
 
 def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
-    """Rows 17-22 (the sweep that chose the default's floor) are the default with only the
-    dead-code restart's threshold / floor or the usage average's decay changed."""
+    """Rows 17-23 (the sweep that chose the default's floor, and the k-means++ pick) are the
+    default with only the dead-code restart's threshold / floor / pick or the usage average's
+    decay changed."""
     ctx = _ctx(quickstart, k=16384, scale=0.3)
     base = build_quantizer("default", ctx)
     wants = {
-        "default": (0.25, 0.0625, 0.99),
-        "default_nofloor": (0.25, 0.0, 0.99),
-        "restart_rel1": (1.0, 0.0, 0.99),
-        "restart_floor8": (0.25, 0.125, 0.99),
-        "usage_decay95": (0.25, 0.0, 0.95),
-        "restart_rel1_decay95": (1.0, 0.0, 0.95),
-        "floor_decay95": (0.25, 0.0625, 0.95),
+        "default": (0.25, 0.0625, 0.99, "random"),
+        "default_nofloor": (0.25, 0.0, 0.99, "random"),
+        "restart_rel1": (1.0, 0.0, 0.99, "random"),
+        "restart_floor8": (0.25, 0.125, 0.99, "random"),
+        "usage_decay95": (0.25, 0.0, 0.95, "random"),
+        "restart_rel1_decay95": (1.0, 0.0, 0.95, "random"),
+        "floor_decay95": (0.25, 0.0625, 0.95, "random"),
+        "restart_spread": (0.25, 0.0625, 0.99, "k-means++"),
     }
     for name, want in wants.items():
         q = build_quantizer(name, ctx)
         *others, restart = q.maintenance
         assert isinstance(restart, DeadCodeRestart) and restart.relative, name
-        assert (restart.threshold, restart.floor, q.usage.ema_decay) == want, name
+        got = (restart.threshold, restart.floor, q.usage.ema_decay, restart.pick)
+        assert got == want, name
         assert [repr(m) for m in others] == [repr(m) for m in base.maintenance[:-1]], name
         assert q.ema.decay == base.ema.decay and q.codebook_size == 16384
 

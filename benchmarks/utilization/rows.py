@@ -416,6 +416,14 @@ ROWS: dict[str, Row] = {
         "row 11 with VectorQuantizer(usage_decay=0.95): the floor of 1/16 token per step and "
         "a usage average over about 20 steps (a change at every K, unlike the floor)",
     ),
+    "restart_spread": Row(
+        23,
+        "default, dead codes restart at batch tokens drawn by k-means++",
+        lambda c: _default_with(c, restart={"pick": "k-means++"}),
+        "row 11 with DeadCodeRestart(pick='k-means++'): the restarted codes are batch tokens "
+        "drawn one at a time with probability proportional to their squared distance to the "
+        "nearest code, instead of uniformly",
+    ),
 }
 
 

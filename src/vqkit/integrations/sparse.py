@@ -196,6 +196,11 @@ class SparseVectorQuantizer(Configurable, nn.Module):
             (``DeadCodeRestart(relative=True)``; 0.25: a quarter as often as a uniform
             codebook's), so codes that die between two re-estimations (or without any) come
             back within a step; 0 turns it off.
+        dead_code_floor: a lower bound on that threshold in tokens per step
+            (``DeadCodeRestart(floor=...)``; 0: none). It matters only with more codes than
+            about 16 x ``dead_code_threshold`` x tokens per step, where a quarter of the uniform
+            rate is far below one use per usage window and codes the encoder has left look
+            alive for a hundred steps; the image configs use 1/16.
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class SparseVectorQuantizer(Configurable, nn.Module):
         kmeans_mode: str = "full",
         kmeans_until: int | None = None,
         dead_code_threshold: float = 0.25,
+        dead_code_floor: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -243,6 +249,15 @@ class SparseVectorQuantizer(Configurable, nn.Module):
             raise ValueError(f"kmeans_until must be >= 1 or None, got {kmeans_until}")
         if dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
+        if not dead_code_floor >= 0:  # also rejects NaN
+            raise ValueError(
+                f"dead_code_floor must be >= 0 (tokens per step), got {dead_code_floor}"
+            )
+        if dead_code_floor > 0 and dead_code_threshold == 0:
+            raise ValueError(
+                "dead_code_floor bounds the dead-code restart's threshold, which "
+                "dead_code_threshold=0 turns off; set dead_code_threshold > 0"
+            )
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
 
@@ -259,7 +274,9 @@ class SparseVectorQuantizer(Configurable, nn.Module):
                 )
             )
         if dead_code_threshold > 0:
-            maintenance.append(DeadCodeRestart(threshold=dead_code_threshold, relative=True))
+            maintenance.append(
+                DeadCodeRestart(threshold=dead_code_threshold, relative=True, floor=dead_code_floor)
+            )
         self.quantizer = VectorQuantizer(
             embedding_dim,
             num_embeddings,

@@ -169,6 +169,7 @@ def kmeans_plusplus(
     *,
     seed: int = 0,
     existing: Tensor | None = None,
+    closest: Tensor | None = None,
     chunk_size: int | None = None,
     local_trials: int | None = None,
 ) -> Tensor:
@@ -181,17 +182,30 @@ def kmeans_plusplus(
     cheaper. Without ``existing`` the first center is a
     uniform draw. With ``existing`` (M, D), distances are measured to those fixed centers too, so
     the new centers go where ``existing`` covers the data worst; only the ``k`` new centers are
-    returned. ``chunk_size`` bounds the distance blocks as in :func:`kmeans`. Deterministic for
-    a given ``seed``.
+    returned. ``closest`` (N,) instead of ``existing``: each point's squared distance to the
+    nearest of centers the caller holds, when it has them already (a quantizer's last
+    assignment), which saves the pass over those centers. ``chunk_size`` bounds the distance
+    blocks as in :func:`kmeans`. Deterministic for a given ``seed``.
     """
     x = _check_x(x, k)
     _check_chunk(chunk_size)
     trials = _check_trials(local_trials, k)
+    if existing is not None and closest is not None:
+        raise ValueError("pass existing or closest, not both")
     if existing is not None:
         existing = _check_centers("existing", existing, (-1, x.shape[1]), x)
+    if closest is not None:
+        if closest.shape != (x.shape[0],):
+            raise ValueError(
+                f"closest must have shape ({x.shape[0]},) (one distance per point of x), "
+                f"got {tuple(closest.shape)}"
+            )
+        if not bool(torch.isfinite(closest).all()) or bool((closest < 0).any()):
+            raise ValueError("closest must be finite squared distances >= 0")
+        closest = closest.to(x.device, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         gen = _generator(x.device, seed)
-        return _kmeans_plusplus(x, k, gen, existing, chunk_size, trials=trials)[0]
+        return _kmeans_plusplus(x, k, gen, existing, chunk_size, trials=trials, closest=closest)[0]
 
 
 def _kmeans_plusplus(
@@ -203,15 +217,21 @@ def _kmeans_plusplus(
     xsq: Tensor | None = None,
     *,
     trials: int,
+    closest: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(centers, index of each point's nearest center among them or ``existing``, squared
-    distance to it)."""
+    distance to it). With ``closest`` (squared distances to centers held by the caller) in
+    place of ``existing``, points nearest to those have index -1."""
     n, d = x.shape
     dev = x.device
     xsq = x.pow(2).sum(1) if xsq is None else xsq
     centers = torch.empty(k, d, dtype=torch.float32, device=dev)
     start = 0
-    if existing is not None and existing.shape[0] > 0:
+    if closest is not None:
+        closest = closest.clone()
+        owner = torch.full((n,), -1, dtype=torch.long, device=dev)
+        offset = 0
+    elif existing is not None and existing.shape[0] > 0:
         owner, closest = nearest(x, existing, chunk_size=chunk_size)
         offset = existing.shape[0]
     else:

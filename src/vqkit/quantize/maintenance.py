@@ -636,6 +636,14 @@ class DeadCodeRestart(Maintenance):
     With ``floor=1/16`` a code used less than once every 16 steps on average (about 6 times in
     the default 100-step usage window) is dead at any codebook size; at 1,024 codes and 2,048
     tokens per step the relative threshold (0.5 per step) is above it and nothing changes.
+
+    ``pick`` chooses the vectors: ``"random"`` draws them uniformly; ``"k-means++"`` (batch
+    source only) draws them one at a time with probability proportional to their squared
+    distance to the nearest code, the codebook's and those drawn before, so the restarted codes
+    go where the codebook covers the batch worst and never two onto one spot. It reuses the
+    distances of this step's assignment, so it costs no pass over the codebook. On the avatar
+    study (16,384 and 65,536 codes) it kept no more codes than the uniform pick; see
+    ``docs/quantizer.md``.
     """
 
     def __init__(
@@ -646,6 +654,7 @@ class DeadCodeRestart(Maintenance):
         every: int = 1,
         relative: bool = False,
         floor: float = 0.0,
+        pick: str = "random",
         reservoir_size: int | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
@@ -658,6 +667,13 @@ class DeadCodeRestart(Maintenance):
             raise ValueError(f"floor must be >= 0 (tokens per step), got {floor}")
         if source not in ("batch", "reservoir"):
             raise ValueError(f"source must be 'batch' or 'reservoir', got {source!r}")
+        if pick not in ("random", "k-means++"):
+            raise ValueError(f"pick must be 'random' or 'k-means++', got {pick!r}")
+        if pick == "k-means++" and source != "batch":
+            raise ValueError(
+                "pick='k-means++' needs source='batch': it weights the batch's tokens by their "
+                "distance to the codebook, which the reservoir's vectors have not been measured to"
+            )
         _check_positive("every", every)
         _check_reservoir_size(reservoir_size)
         self.threshold = threshold
@@ -665,6 +681,7 @@ class DeadCodeRestart(Maintenance):
         self.every = every
         self.relative = relative
         self.floor = floor
+        self.pick = pick
         self.reservoir_size = reservoir_size
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
@@ -703,7 +720,9 @@ class DeadCodeRestart(Maintenance):
             return
         pool = z if self.source == "batch" else self.reservoir.contents().to(z.device, z.dtype)
         new = torch.zeros(n_dead, z.shape[1], device=z.device, dtype=torch.float32)
-        if D.rank() == 0 and pool.shape[0] > 0:
+        if D.rank() == 0 and pool.shape[0] > 0 and self.pick == "k-means++":
+            new = self._spread(quantizer, z, n_dead, step)
+        elif D.rank() == 0 and pool.shape[0] > 0:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             if pool.shape[0] >= n_dead:
                 pick = torch.randperm(pool.shape[0], generator=g)[:n_dead]
@@ -719,6 +738,7 @@ class DeadCodeRestart(Maintenance):
         detail = (
             f"EMA usage {mean:.3g} on average, at most {top:.4g}, below {threshold:.3g}; "
             f"restarted at {self.source} vectors"
+            + (" (k-means++)" if self.pick == "k-means++" else "")
         )
         n = quantizer.replace_codes(dead, new, counts_new.clamp_min(threshold))
         # every step may restart a few: one DEBUG line each; the training console sums them up
@@ -727,11 +747,32 @@ class DeadCodeRestart(Maintenance):
         )
         _emit(quantizer, event, logging.DEBUG)
 
-    def _captured(self, quantizer: CodebookOwner, z: Tensor, new: Tensor) -> Tensor:
-        """Global count of this batch's tokens that would pick each new code."""
+    @staticmethod
+    def _old_distances(quantizer: CodebookOwner, z: Tensor) -> Tensor:
+        """Each token's squared distance to its code: this step's, unless not kept."""
         d_old = quantizer.last_min_dist
         if d_old is None or d_old.shape[0] != z.shape[0]:
             _, d_old = nearest(z, quantizer.effective_codebook().detach())
+        return d_old
+
+    def _spread(self, quantizer: CodebookOwner, z: Tensor, n_dead: int, step: int) -> Tensor:
+        """``n_dead`` batch tokens by k-means++ against the codebook (``pick='k-means++'``);
+        past the batch's size the rest are uniform draws."""
+        x = z.detach().float()
+        m = min(n_dead, x.shape[0])
+        seed = self.seed * 1_000_003 + step
+        new = kmeans_plusplus(
+            x, m, seed=seed, closest=self._old_distances(quantizer, z), local_trials=1
+        )
+        if m < n_dead:
+            g = torch.Generator().manual_seed(seed)
+            extra = torch.randint(x.shape[0], (n_dead - m,), generator=g).to(x.device)
+            new = torch.cat([new, x[extra]])
+        return new
+
+    def _captured(self, quantizer: CodebookOwner, z: Tensor, new: Tensor) -> Tensor:
+        """Global count of this batch's tokens that would pick each new code."""
+        d_old = self._old_distances(quantizer, z)
         idx, d_new = nearest(z, new)
         won = d_new < d_old
         counts = torch.bincount(idx[won], minlength=new.shape[0]).float()
@@ -740,7 +781,8 @@ class DeadCodeRestart(Maintenance):
     def extra_repr(self) -> str:
         rel = ", relative=True" if self.relative else ""
         rel += f", floor={self.floor:g}" if self.floor else ""
-        return f"threshold={self.threshold}{rel}, source={self.source!r}, every={self.every}"
+        pick = f", pick={self.pick!r}" if self.pick != "random" else ""
+        return f"threshold={self.threshold}{rel}, source={self.source!r}{pick}, every={self.every}"
 
     def describe(self, quantizer: CodebookOwner) -> str:
         when = "every step" if self.every == 1 else f"every {self.every} steps"
@@ -754,9 +796,14 @@ class DeadCodeRestart(Maintenance):
         )
         if self.floor:
             below = f"the larger of {below} and {self.floor:g} tokens per step"
+        how = (
+            "encoder outputs drawn by k-means++ against the codebook"
+            if self.pick == "k-means++"
+            else "random encoder outputs"
+        )
         return (
             f"dead-code restart {when}: codes whose EMA usage falls below {below} "
-            f"restart at random encoder outputs from {pool}"
+            f"restart at {how} from {pool}"
         )
 
 
