@@ -509,6 +509,33 @@ def test_dead_code_restart_pick_kmeanspp_goes_where_the_codebook_covers_worst():
         DeadCodeRestart(source="reservoir", pick="k-means++")
 
 
+def test_dead_code_restart_limit_restarts_at_most_one_code_per_vector():
+    """250 dead codes, 206 tokens: ``limit=True`` restarts the 206 least used, each at its own
+    token, and leaves the other 44 for the next step; without it all 250 restart and 44 share
+    a token with another restarted code, where they capture nothing."""
+    from vqkit import DeadCodeRestart, VectorQuantizer
+
+    def restart(limit: bool) -> VectorQuantizer:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(4, 300, maintenance=[DeadCodeRestart(1.0, limit=limit)])
+        vq.train()
+        vq.codebook.data[:250] += 100.0  # far from every token: no use this step either
+        vq.usage.ema_counts[:250] = torch.linspace(0.0, 0.5, 250)  # dead, code 0 least used
+        vq.usage.ema_counts[250:] = 50.0
+        vq.usage.ema_started.fill_(True)
+        vq(torch.randn(206, 4, generator=torch.Generator().manual_seed(4)) * 3)
+        return vq
+
+    vq = restart(True)
+    assert torch.equal(vq.replaced_mask, torch.arange(300) < 206)
+    assert len({tuple(r) for r in vq.codebook[:206].tolist()}) == 206
+    assert "limit=True" in repr(vq.maintenance[0])
+    vq = restart(False)
+    assert torch.equal(vq.replaced_mask, torch.arange(300) < 250)
+    assert len({tuple(r) for r in vq.codebook[:250].tolist()}) <= 206
+    assert "limit" not in repr(vq.maintenance[0])
+
+
 def test_kmeans_init_starts_the_usage_average_a_restart_reads():
     """With more codes than a batch has tokens, the first batch after k-means init leaves most
     codes unhit; the usage average must start from k-means' predicted counts, or a dead-code

@@ -58,6 +58,26 @@ def test_codebooks_bitwise_identical_across_ranks(pick):
         assert torch.equal(r0["state"][k], r1["state"][k]), k
 
 
+def _limited_restart(rank, world):
+    """128 codes, all dead; rank 0 holds 20 tokens, rank 1 50: rank 0's batch supplies the
+    vectors, so both processes must restart the same 20 codes."""
+    torch.manual_seed(rank)
+    restart = DeadCodeRestart(threshold=1e6, limit=True)
+    vq = VectorQuantizer(4, 128, maintenance=[restart]).train()
+    vq.codebook.data.copy_(torch.randn(128, 4, generator=torch.Generator().manual_seed(1)))
+    vq.usage.ema_counts.copy_(torch.arange(128, dtype=torch.float32))  # code 0 least used
+    vq.usage.ema_started.fill_(True)
+    vq(_data(rank, 0, n=20 if rank == 0 else 50))
+    return vq.replaced_mask.clone(), vq.codebook.clone()
+
+
+def test_limited_restart_restarts_the_same_codes_on_every_rank():
+    (m0, c0), (m1, c1) = run_distributed(_limited_restart, 2)
+    assert torch.equal(m0, torch.arange(128) < 20)  # the 20 least used, as many as rank 0's tokens
+    assert torch.equal(m0, m1) and torch.equal(c0, c1)
+    assert len({tuple(r) for r in c0[:20].tolist()}) == 20  # 20 distinct tokens
+
+
 def _ema_global(rank, world, batches):
     torch.manual_seed(0)
     vq = VectorQuantizer(4, 8, ema=EMAUpdate(decay=0.8)).train()

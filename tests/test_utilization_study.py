@@ -176,6 +176,9 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
             # threshold (0.25 x 2,048 / 1,024 = 0.5 per step) is above it either way
             assert (m.floor, new.floor) == (0.0, qargs["maintenance"][2]["init_args"]["floor"])
             mine.pop("floor"), theirs.pop("floor")
+            # nor its limit, which at this K (1,024 codes, 2,048 tokens a step) cannot bind
+            assert (m.limit, new.limit) == (False, True)
+            mine.pop("limit"), theirs.pop("limit")
         simple = (int, float, str, bool, tuple, type(None))
         assert {k: v for k, v in mine.items() if isinstance(v, simple)} == {
             k: v for k, v in theirs.items() if isinstance(v, simple)
@@ -235,26 +238,29 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
 
 
 def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
-    """Rows 17-23 (the sweep that chose the default's floor, and the k-means++ pick) are the
-    default with only the dead-code restart's threshold / floor / pick or the usage average's
-    decay changed."""
+    """Rows 17-24 (the sweep that chose the default's floor, the k-means++ pick, the default
+    before the limit) are the default with only the dead-code restart's threshold / floor /
+    pick / limit or the usage average's decay changed."""
     ctx = _ctx(quickstart, k=16384, scale=0.3)
     base = build_quantizer("default", ctx)
+    # (threshold, floor, usage decay, pick, limit): only the default has the limit, the
+    # sweep's rows were measured before it
     wants = {
-        "default": (0.25, 0.0625, 0.99, "random"),
-        "default_nofloor": (0.25, 0.0, 0.99, "random"),
-        "restart_rel1": (1.0, 0.0, 0.99, "random"),
-        "restart_floor8": (0.25, 0.125, 0.99, "random"),
-        "usage_decay95": (0.25, 0.0, 0.95, "random"),
-        "restart_rel1_decay95": (1.0, 0.0, 0.95, "random"),
-        "floor_decay95": (0.25, 0.0625, 0.95, "random"),
-        "restart_spread": (0.25, 0.0625, 0.99, "k-means++"),
+        "default": (0.25, 0.0625, 0.99, "random", True),
+        "default_nofloor": (0.25, 0.0, 0.99, "random", False),
+        "restart_rel1": (1.0, 0.0, 0.99, "random", False),
+        "restart_floor8": (0.25, 0.125, 0.99, "random", False),
+        "usage_decay95": (0.25, 0.0, 0.95, "random", False),
+        "restart_rel1_decay95": (1.0, 0.0, 0.95, "random", False),
+        "floor_decay95": (0.25, 0.0625, 0.95, "random", False),
+        "restart_spread": (0.25, 0.0625, 0.99, "k-means++", False),
+        "default_nolimit": (0.25, 0.0625, 0.99, "random", False),
     }
     for name, want in wants.items():
         q = build_quantizer(name, ctx)
         *others, restart = q.maintenance
         assert isinstance(restart, DeadCodeRestart) and restart.relative, name
-        got = (restart.threshold, restart.floor, q.usage.ema_decay, restart.pick)
+        got = (restart.threshold, restart.floor, q.usage.ema_decay, restart.pick, restart.limit)
         assert got == want, name
         assert [repr(m) for m in others] == [repr(m) for m in base.maintenance[:-1]], name
         assert q.ema.decay == base.ema.decay and q.codebook_size == 16384
@@ -290,6 +296,13 @@ def test_quick_study_writes_json_markdown_and_pngs(tmp_path: Path) -> None:
         assert r["train_seconds"] > 0, name
         assert [p["step"] for p in r["curve"]][-1] == r["steps"] == 30
         assert all(0 < p["utilization"] <= 1 for p in r["curve"])
+    # the maintenance's own report: k-means time is part of the training time; the plain
+    # codebook and the other library run none
+    default = runs["default"]
+    assert default["kmeans_calls"] >= 1 and 0 < default["kmeans_seconds"] < default["train_seconds"]
+    for name in ("plain", "peer"):
+        assert (runs[name]["kmeans_calls"], runs[name]["kmeans_seconds"]) == (0, 0.0), name
+        assert runs[name]["restarted_codes"] == 0, name
     md = (tmp_path / MD_REL).read_text()
     table = [line for line in md.splitlines() if line.startswith("| ") and "`" in line]
     for name in U.QUICK_ROWS:

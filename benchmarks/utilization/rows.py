@@ -126,8 +126,11 @@ KMEANS_ITERS = {
 
 # The dead-code restart of every row but the default until 2026-12-06: no floor under its
 # relative threshold (DeadCodeRestart's floor binds only below 1/4 token per code a step:
-# K > 8,192 at the study's 2,048 tokens a step)
-MEASURED_RESTART = {"floor": 0.0}
+# K > 8,192 at the study's 2,048 tokens a step), and no limit on the codes restarted in a step
+# (it binds only when the dead codes outnumber the batch's tokens)
+MEASURED_RESTART = {"floor": 0.0, "limit": False}
+# the rows of the restart sweep that kept the floor were measured without the limit too
+UNLIMITED = {"limit": False}
 
 
 def measured_kmeans(strategy: str) -> dict[str, Any]:
@@ -193,8 +196,8 @@ def _default_with(
     strategies (none: the default row); ``pin_reservoir``: the study's reservoir rule instead
     of the YAML's (see ``_scaled_quantizer_config``); ``measured``: k-means++ and 50 / 20 Lloyd
     iterations at every K (``measured_kmeans``) under ``kmeans``. Either one also keeps the
-    dead-code restart without its floor (``MEASURED_RESTART``), as those rows were measured;
-    ``restart`` then overrides the ``DeadCodeRestart`` arguments, ``quantizer`` the
+    dead-code restart without its floor and limit (``MEASURED_RESTART``), as those rows were
+    measured; ``restart`` then overrides the ``DeadCodeRestart`` arguments, ``quantizer`` the
     ``VectorQuantizer``'s own."""
     q = _scaled_quantizer_config(
         ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale, pin_reservoir=pin_reservoir
@@ -388,7 +391,7 @@ ROWS: dict[str, Row] = {
     "restart_floor8": Row(
         19,
         "default with a restart floor of 1/8",
-        lambda c: _default_with(c, restart={"floor": 0.125}),
+        lambda c: _default_with(c, restart={**UNLIMITED, "floor": 0.125}),
         "row 11 with DeadCodeRestart(floor=0.125): every code below 1/8 token per step restarts",
     ),
     "usage_decay95": Row(
@@ -412,17 +415,25 @@ ROWS: dict[str, Row] = {
     "floor_decay95": Row(
         22,
         "default with usage average decay 0.95",
-        lambda c: _default_with(c, quantizer={"usage_decay": 0.95}),
+        lambda c: _default_with(c, restart=UNLIMITED, quantizer={"usage_decay": 0.95}),
         "row 11 with VectorQuantizer(usage_decay=0.95): the floor of 1/16 token per step and "
         "a usage average over about 20 steps (a change at every K, unlike the floor)",
     ),
     "restart_spread": Row(
         23,
         "default, dead codes restart at batch tokens drawn by k-means++",
-        lambda c: _default_with(c, restart={"pick": "k-means++"}),
+        lambda c: _default_with(c, restart={**UNLIMITED, "pick": "k-means++"}),
         "row 11 with DeadCodeRestart(pick='k-means++'): the restarted codes are batch tokens "
         "drawn one at a time with probability proportional to their squared distance to the "
         "nearest code, instead of uniformly",
+    ),
+    "default_nolimit": Row(
+        24,
+        "default without the restart's limit (the default of commits 95ae08b-29c8e2a)",
+        lambda c: _default_with(c, restart=UNLIMITED),
+        "row 11 with DeadCodeRestart(limit=False): when the dead codes outnumber a step's "
+        "tokens every one of them restarts, several on one token, where row 11 restarts the "
+        "least used, one per token (they differ only when K > tokens per step)",
     ),
 }
 

@@ -197,6 +197,10 @@ def run_one(
     gradient_mode = not quantizer.uses_ema
     batches = train_batches(data, quickstart["batch_size"], seed)
     train_seconds = data_seconds = cpu_seconds = 0.0
+    # what vqkit's maintenance reported (rows of other libraries have no events): the time of
+    # its k-means calls (part of train_seconds) and the codes the dead-code restart re-placed
+    kmeans_ms, kmeans_calls, restarted = 0.0, 0, 0
+    pop_events = getattr(quantizer, "pop_events", None)
     step_times: list[float] = []
     curve: list[dict] = []
     torch.manual_seed(seed)  # same global stream (restart picks, sampling) for every row
@@ -221,6 +225,11 @@ def run_one(
         data_seconds += t1 - t0
         train_seconds += t2 - t1
         step_times.append(t2 - t1)
+        for e in pop_events() if pop_events is not None else ():
+            if e.status == "done" and e.strategy.startswith("k-means"):
+                kmeans_ms, kmeans_calls = kmeans_ms + e.ms, kmeans_calls + 1
+            elif e.status == "done" and e.strategy == "dead-code restart":
+                restarted += e.codes_replaced
         if step % curve_every == 0 or step == steps:
             # the curve may use the split's first images only (the final figures use all)
             ev = evaluate(model, data.val[:curve_images], codebook_size, full=False)
@@ -248,6 +257,9 @@ def run_one(
         "train_cpu_seconds": cpu_seconds,
         "median_step_seconds": statistics.median(step_times),
         "replacements": int(getattr(quantizer, "num_replacements", 0)),
+        "kmeans_seconds": kmeans_ms / 1000.0,
+        "kmeans_calls": kmeans_calls,
+        "restarted_codes": restarted,
         "curve": curve,
     }
 

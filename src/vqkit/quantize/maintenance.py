@@ -637,6 +637,14 @@ class DeadCodeRestart(Maintenance):
     the default 100-step usage window) is dead at any codebook size; at 1,024 codes and 2,048
     tokens per step the relative threshold (0.5 per step) is above it and nothing changes.
 
+    ``limit=True`` restarts at most as many codes in a step as the source holds vectors, the
+    least used first; the rest wait for the next step. Without it, when the dead codes outnumber
+    the vectors (a codebook larger than a batch, right after a k-means pass) several land on one
+    vector, and all but one of them capture nothing and restart again at the next step: at
+    65,536 codes and 2,048 tokens a step that was 4.0 million restarts in a 300-step run instead
+    of 262,000, for as many codes used (96.0%, 2 seeds) and 13% more training time. It can bind
+    only with more codes than a step has tokens (the shipped image configs set it).
+
     ``pick`` chooses the vectors: ``"random"`` draws them uniformly; ``"k-means++"`` (batch
     source only) draws them one at a time with probability proportional to their squared
     distance to the nearest code, the codebook's and those drawn before, so the restarted codes
@@ -655,6 +663,7 @@ class DeadCodeRestart(Maintenance):
         relative: bool = False,
         floor: float = 0.0,
         pick: str = "random",
+        limit: bool = False,
         reservoir_size: int | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
@@ -682,6 +691,7 @@ class DeadCodeRestart(Maintenance):
         self.relative = relative
         self.floor = floor
         self.pick = pick
+        self.limit = limit
         self.reservoir_size = reservoir_size
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
@@ -719,6 +729,17 @@ class DeadCodeRestart(Maintenance):
         if n_dead == 0:
             return
         pool = z if self.source == "batch" else self.reservoir.contents().to(z.device, z.dtype)
+        if self.limit:
+            # rank 0's pool supplies the vectors: every process must restart the same codes
+            size = torch.tensor([pool.shape[0]], device=z.device)
+            D.broadcast_(size, src=0)
+            if n_dead > int(size):
+                usage = quantizer.usage.ema_counts.masked_fill(~dead, float("inf"))
+                keep = torch.topk(usage, int(size), largest=False).indices
+                dead = torch.zeros_like(dead).index_fill_(0, keep, True)
+                n_dead = int(size)
+                if n_dead == 0:
+                    return
         new = torch.zeros(n_dead, z.shape[1], device=z.device, dtype=torch.float32)
         if D.rank() == 0 and pool.shape[0] > 0 and self.pick == "k-means++":
             new = self._spread(quantizer, z, n_dead, step)
@@ -782,6 +803,7 @@ class DeadCodeRestart(Maintenance):
         rel = ", relative=True" if self.relative else ""
         rel += f", floor={self.floor:g}" if self.floor else ""
         pick = f", pick={self.pick!r}" if self.pick != "random" else ""
+        pick += ", limit=True" if self.limit else ""
         return f"threshold={self.threshold}{rel}, source={self.source!r}{pick}, every={self.every}"
 
     def describe(self, quantizer: CodebookOwner) -> str:
