@@ -534,6 +534,8 @@ def test_dead_code_restart_limit_restarts_at_most_one_code_per_vector():
     assert torch.equal(vq.replaced_mask, torch.arange(300) < 250)
     assert len({tuple(r) for r in vq.codebook[:250].tolist()}) <= 206
     assert "limit" not in repr(vq.maintenance[0])
+    with pytest.raises(TypeError, match="limit must be true or false, got 'yes'"):
+        DeadCodeRestart(limit="yes")
 
 
 def test_kmeans_init_starts_the_usage_average_a_restart_reads():

@@ -683,6 +683,8 @@ class DeadCodeRestart(Maintenance):
                 "pick='k-means++' needs source='batch': it weights the batch's tokens by their "
                 "distance to the codebook, which the reservoir's vectors have not been measured to"
             )
+        if not isinstance(limit, bool):
+            raise TypeError(f"limit must be true or false, got {limit!r}")
         _check_positive("every", every)
         _check_reservoir_size(reservoir_size)
         self.threshold = threshold
@@ -729,27 +731,26 @@ class DeadCodeRestart(Maintenance):
         if n_dead == 0:
             return
         pool = z if self.source == "batch" else self.reservoir.contents().to(z.device, z.dtype)
-        if self.limit:
-            # rank 0's pool supplies the vectors: every process must restart the same codes
-            size = torch.tensor([pool.shape[0]], device=z.device)
-            D.broadcast_(size, src=0)
-            if n_dead > int(size):
-                usage = quantizer.usage.ema_counts.masked_fill(~dead, float("inf"))
-                keep = torch.topk(usage, int(size), largest=False).indices
-                dead = torch.zeros_like(dead).index_fill_(0, keep, True)
-                n_dead = int(size)
-                if n_dead == 0:
-                    return
+        # rank 0's pool supplies the vectors: every process must restart the same codes
+        size = D.all_gather_sizes(pool.shape[0], z.device)[0] if self.limit else n_dead
+        if n_dead > size:
+            if size == 0:
+                return
+            usage = quantizer.usage.ema_counts.masked_fill(~dead, float("inf"))
+            keep = torch.topk(usage, size, largest=False).indices
+            dead = torch.zeros_like(dead).index_fill_(0, keep, True)
+            n_dead = size
         new = torch.zeros(n_dead, z.shape[1], device=z.device, dtype=torch.float32)
-        if D.rank() == 0 and pool.shape[0] > 0 and self.pick == "k-means++":
-            new = self._spread(quantizer, z, n_dead, step)
-        elif D.rank() == 0 and pool.shape[0] > 0:
+        if D.rank() == 0 and pool.shape[0] > 0:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            if pool.shape[0] >= n_dead:
-                pick = torch.randperm(pool.shape[0], generator=g)[:n_dead]
+            if self.pick == "k-means++":
+                new = self._spread(quantizer, z, n_dead, step, g)
             else:
-                pick = torch.randint(pool.shape[0], (n_dead,), generator=g)
-            new = pool[pick.to(pool.device)].float()
+                if pool.shape[0] >= n_dead:
+                    pick = torch.randperm(pool.shape[0], generator=g)[:n_dead]
+                else:
+                    pick = torch.randint(pool.shape[0], (n_dead,), generator=g)
+                new = pool[pick.to(pool.device)].float()
         D.broadcast_(new, src=0)
         if quantizer.distance == "cosine":
             new = F.normalize(new, dim=1)
@@ -776,17 +777,21 @@ class DeadCodeRestart(Maintenance):
             _, d_old = nearest(z, quantizer.effective_codebook().detach())
         return d_old
 
-    def _spread(self, quantizer: CodebookOwner, z: Tensor, n_dead: int, step: int) -> Tensor:
+    def _spread(
+        self, quantizer: CodebookOwner, z: Tensor, n_dead: int, step: int, g: torch.Generator
+    ) -> Tensor:
         """``n_dead`` batch tokens by k-means++ against the codebook (``pick='k-means++'``);
-        past the batch's size the rest are uniform draws."""
+        past the batch's size (``limit=False``) the rest are uniform draws from ``g``."""
         x = z.detach().float()
         m = min(n_dead, x.shape[0])
-        seed = self.seed * 1_000_003 + step
         new = kmeans_plusplus(
-            x, m, seed=seed, closest=self._old_distances(quantizer, z), local_trials=1
+            x,
+            m,
+            seed=self.seed * 1_000_003 + step,
+            closest=self._old_distances(quantizer, z),
+            local_trials=1,
         )
         if m < n_dead:
-            g = torch.Generator().manual_seed(seed)
             extra = torch.randint(x.shape[0], (n_dead - m,), generator=g).to(x.device)
             new = torch.cat([new, x[extra]])
         return new
