@@ -27,8 +27,9 @@ k-means++ seeding of the first ``--seed-centers`` centers, greedy (its cost per 
 ``2 + ln k`` candidates and is otherwise constant) and plain (one candidate per center, the
 default past 8,192 codes), and one full assignment pass (what every Lloyd iteration costs at
 most; Hamerly's bounds skip most rows after the first) over ``--pass-rows`` reservoir rows,
-scaled to the reservoir. ``--kmeans-only`` measures the k-means pieces alone and keeps the
-quantizer rows of the saved ``--json-out``.
+scaled to the reservoir, also without the bounds (the default's one pass past 8,192 codes: a
+random start and 1 Lloyd iteration without the final assignment pass). ``--kmeans-only``
+measures the k-means pieces alone and keeps the quantizer rows of the saved ``--json-out``.
 """
 
 from __future__ import annotations
@@ -308,12 +309,17 @@ def _kmeans_pieces(k: int, n: int, dim: int, seed_centers: int, pass_rows: int) 
             rows = x[:pass_rows]
             _Assigner(rows, rows.pow(2).sum(1), k, None).start(centers, None)
             t3 = time.perf_counter()
+            # the same pass without the bounds: the one pass of the default past 8,192 codes
+            # (a random start, 1 Lloyd iteration, no final assignment pass)
+            _Assigner(rows, rows.pow(2).sum(1), k, None).start(centers, None, bounds=False)
+            t4 = time.perf_counter()
             return {
                 "seed_small_seconds": t1 - t0,
                 "seed_seconds": t2 - t1,
                 "plain_small_seconds": p1 - t2,
                 "plain_seconds": p2 - p1,
                 "pass_seconds": t3 - p2,
+                "plain_pass_seconds": t4 - t3,
             }
 
         return run
@@ -378,6 +384,7 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
         )
         plain_s = pieces["plain_seconds"] + plain_per_center * (k - seed_centers)
         pass_s = pieces["pass_seconds"] * n / pass_rows
+        plain_pass_s = pieces["plain_pass_seconds"] * n / pass_rows
         default_plain = default_local_trials(k) == 1
         row |= {
             "status": "ok (extrapolated)",
@@ -386,6 +393,8 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
             "pass_seconds_measured": pieces["pass_seconds"],
             "seed_seconds": seed_s,
             "pass_seconds": pass_s,
+            "plain_pass_seconds_measured": pieces["plain_pass_seconds"],
+            "plain_pass_seconds": plain_pass_s,
             # k-means++ hands over every point's nearest seed: iteration 1 is a full pass,
             # later ones at most that
             "call_seconds_full": seed_s + iters * pass_s,
@@ -396,8 +405,9 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
             # KMeansReestimate's seeding at this K with local_trials=None
             "default_seeding": "plain" if default_plain else "greedy",
             "call_seconds_warm_start": (1 + iters) * pass_s,
-            # the default past 8,192 codes: a random start, 1 Lloyd iteration (2 passes)
-            "call_seconds_default": _default_call(pass_s),
+            # the default past 8,192 codes: a random start, 1 Lloyd iteration, no final
+            # assignment pass: one pass without bounds
+            "call_seconds_default": plain_pass_s,
             "peak_extra_mib": peak / MIB if kind == "peak" else None,
             "reservoir_mib": n * args.dim * 4 / MIB,
         }
@@ -477,17 +487,20 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
             "",
             'k-means re-estimation, one `KMeansReestimate` call (`mode="full"`: k-means++ then 20'
             " Lloyd iterations, or the default past 8,192 codes: a random start and 1 Lloyd "
-            "iteration, two full passes) on a reservoir of "
+            "iteration without the final assignment pass, one full pass without Hamerly's bounds)"
+            " on a reservoir of "
             f"{args.reservoir_factor} x K vectors (a Gaussian mixture as in `bench_kmeans`). "
             "**Extrapolated** from measured pieces: the seeding of the first centers (cost per "
             "center and candidate between the first third and all of the measured centers, times "
             "K x (2 + ln K) for greedy k-means++, times K for plain k-means++, the seeding of "
             "`local_trials=None` past 8,192 codes) and one full assignment pass over some "
-            "reservoir rows (times the reservoir's rows); a Lloyd iteration costs at most one "
-            "full pass, so the call figures are upper bounds for the Lloyd part. Peak extra: "
+            "reservoir rows (times the reservoir's rows), with and without the bounds; a Lloyd "
+            "iteration costs at most one full pass, so the call figures are upper bounds for the "
+            "Lloyd part. Peak extra: "
             "above the reservoir, during the measured pieces.",
             "",
-            "| codes K | reservoir | measured | seeding: greedy / plain | one full pass "
+            "| codes K | reservoir | measured | seeding: greedy / plain "
+            "| one full pass: bounds / none "
             "| call: greedy / plain | call: random start, 1 iteration (default) "
             "| call (warm_start) | peak extra MiB | vector-quantize-pytorch kmeans |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
@@ -506,21 +519,18 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
                 f"{r['pass_rows_measured']:,} rows in {r['pass_seconds_measured']:.1f} s"
             )
             peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:,.0f}"
+            plain_pass = r.get("plain_pass_seconds")
+            if plain_pass is not None:
+                measured += f" ({r['plain_pass_seconds_measured']:.1f} s without bounds)"
             lines.append(
                 f"| {r['codes']:,} | {r['reservoir']:,} | {measured} | {_dur(r['seed_seconds'])}"
-                f" / {_dur(r['seed_plain_seconds'])} | {_dur(r['pass_seconds'])} | "
+                f" / {_dur(r['seed_plain_seconds'])} | {_dur(r['pass_seconds'])} / "
+                f"{'-' if plain_pass is None else _dur(plain_pass)} | "
                 f"{_dur(r['call_seconds_full'])} / {_dur(r['call_seconds_plain'])} | "
-                f"{_dur(r.get('call_seconds_default', _default_call(r['pass_seconds'])))} | "
+                f"{_dur(r.get('call_seconds_default', 2 * r['pass_seconds']))} | "
                 f"{_dur(r['call_seconds_warm_start'])} | {peak} | {peer} |"
             )
     return "\n".join(lines)
-
-
-def _default_call(pass_s: float) -> float:
-    """A k-means call as the strategies run it by default past 8,192 codes
-    (``vqkit.quantize.default_kmeans_start``): no seeding, the assignment to the random start and
-    the one after the single Lloyd update, two full passes."""
-    return 2 * pass_s
 
 
 def memory_growth(rows: list[dict], dim: int) -> list[dict[str, Any]]:

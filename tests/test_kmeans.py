@@ -210,6 +210,40 @@ def test_iters_zero_assigns_to_init():
     assert torch.equal(res.assignments, nearest(x, init)[0])
 
 
+def test_reassign_false_returns_the_assignments_the_centers_were_averaged_from(lloyd_path):
+    """reassign=False skips the last pass: the same centers, and the assignments (and inertia)
+    of the E-step they are the means of; a run that converges before its cap is unchanged."""
+    x, _, _ = blobs(2000, 40, 8, seed=13, spread=1.5, scale=1.0)
+    init = x[:40].clone()
+    for iters in (1, 3):
+        full = kmeans(x, 40, init=init, iters=iters, tol=0.0)
+        cheap = kmeans(x, 40, init=init, iters=iters, tol=0.0, reassign=False)
+        assert cheap.iterations == full.iterations == iters
+        assert torch.equal(cheap.centers, full.centers)
+        # the E-step before the last update: iters - 1 full Lloyd iterations from init
+        before = kmeans(x, 40, init=init, iters=iters - 1, tol=0.0)
+        assert torch.equal(cheap.assignments, before.assignments)
+        assert not torch.equal(cheap.assignments, full.assignments)
+        counts = torch.bincount(cheap.assignments, minlength=40)
+        sums = torch.zeros(40, 8).index_add_(0, cheap.assignments, x)
+        torch.testing.assert_close(cheap.centers, sums / counts[:, None].float())
+        want = float((x - cheap.centers[cheap.assignments]).double().pow(2).sum())
+        assert cheap.inertia == pytest.approx(want, rel=1e-5)
+    # From a random start too (the large-codebook default): the start's pass without bounds.
+    a = kmeans(x, 40, init="random", iters=1, seed=3)
+    b = kmeans(x, 40, init="random", iters=1, seed=3, reassign=False)
+    assert torch.equal(a.centers, b.centers)
+    assert torch.equal(b.assignments, kmeans(x, 40, init="random", iters=0, seed=3).assignments)
+    # Converged before the cap: nothing is skipped.
+    loose = kmeans(x, 40, init=init, iters=500, reassign=False)
+    assert loose.iterations < 500
+    ref = kmeans(x, 40, init=init, iters=500)
+    assert torch.equal(loose.centers, ref.centers)
+    assert torch.equal(loose.assignments, ref.assignments)
+    with pytest.raises(TypeError, match="reassign must be a bool, got 0"):
+        kmeans(x, 4, reassign=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Empty clusters, frozen centers, existing centers
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from vqkit import (
     VectorQuantizer,
     kmeans,
 )
-from vqkit.quantize import default_kmeans_start, default_reservoir_size
+from vqkit.quantize import default_kmeans_start, default_reassign, default_reservoir_size
 
 
 def blobs(n, k, d, seed=0, spread=0.05):
@@ -163,40 +163,68 @@ def test_large_codebooks_start_at_random_vectors_for_one_iteration(monkeypatch):
     assert KMeansInit().start(1024) == ("k-means++", 50)
     assert KMeansReestimate().start(1024) == ("k-means++", 20)
     assert KMeansReestimate(init="k-means++", iters=7).start(65536) == ("k-means++", 7)
+    assert default_reassign(8192) and not default_reassign(8193)
+    assert KMeansInit().reassigns(1024) and not KMeansReestimate().reassigns(16384)
+    assert KMeansReestimate(reassign=True).reassigns(65536)
+    assert not KMeansInit(reassign=False).reassigns(16)
+    for bad in (KMeansInit, KMeansReestimate):
+        with pytest.raises(TypeError, match="reassign must be a bool or None, got 'no'"):
+            bad(reassign="no")
     monkeypatch.setattr(mod, "FULL_KMEANS_MAX_CODES", 8)
     torch.manual_seed(0)
     data, _ = blobs(400, 8, 3)
     init = KMeansInit(warmup_steps=1, reservoir_size=400)
     vq = VectorQuantizer(3, 16, maintenance=[init]).train()
+    replaced: list = []
+    real_replace = vq.replace_codes
+
+    def record(mask, codes, counts):
+        replaced.append(counts.clone())
+        return real_replace(mask, codes, counts)
+
+    vq.replace_codes = record
     vq(data[:200])
     full = torch.cat([init.reservoir.contents().clone(), data[200:400]])
     vq(data[200:400])
     ref = kmeans(full, 16, iters=1, seed=1, init="random")
     assert torch.equal(vq.codebook.detach(), ref.centers)
     assert not torch.equal(ref.centers, kmeans(full, 16, iters=50, seed=1, init="random").centers)
-    assert "(1 iteration, random start)" in init.describe(vq)
+    # and no final assignment pass: the new codes' usage is the size of the cluster each was
+    # averaged from (tokens per step / reservoir size of it), not of the reassigned one
+    cheap = kmeans(full, 16, iters=1, seed=1, init="random", reassign=False)
+    start = torch.bincount(cheap.assignments, minlength=16).float() * 200 / 400
+    assert not torch.equal(start, torch.bincount(ref.assignments, minlength=16).float() / 2)
+    assert len(replaced) == 1 and torch.equal(replaced[0], start)
+    assert "(1 iteration without a final assignment pass, random start)" in init.describe(vq)
 
     seen: list = []
     real = mod.kmeans
 
     def spy(*args, **kwargs):
         init = kwargs.get("init")
-        seen.append((init if isinstance(init, str) else "tensor", kwargs.get("iters")))
+        kind = init if isinstance(init, str) else "tensor"
+        seen.append((kind, kwargs.get("iters"), kwargs.get("reassign")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mod, "kmeans", spy)
-    for mode, want in (("full", [("random", 1)]), ("dead", [("tensor", 1)])):
+    for mode, want in (("full", [("random", 1, False)]), ("dead", [("tensor", 1, False)])):
         re = KMeansReestimate(every=2, until=None, reservoir_size=256, mode=mode)
         vq = VectorQuantizer(3, 16, maintenance=[re]).train()
-        assert "(1 iteration, random start)" in re.describe(vq)
+        assert "(1 iteration without a final assignment pass, random start)" in re.describe(vq)
         seen.clear()
         for i in range(3):
             vq(data[i * 100 : (i + 1) * 100])
         # dead mode starts the dead codes at random reservoir vectors, then one Lloyd step
         assert seen == want, (mode, seen)
-    re = KMeansReestimate(every=2, until=None, reservoir_size=256, init="k-means++", iters=4)
+    re = KMeansReestimate(
+        every=2, until=None, reservoir_size=256, init="k-means++", iters=4, reassign=True
+    )
     vq = VectorQuantizer(3, 16, maintenance=[re]).train()
     assert "(4 iterations, k-means++ with 1 candidate per step)" in re.describe(vq)
+    seen.clear()
+    for i in range(3):
+        vq(data[i * 100 : (i + 1) * 100])
+    assert seen == [("k-means++", 4, True)]
     # iters=0: the codes are the start itself, K distinct reservoir vectors
     zero = KMeansInit(warmup_steps=1, reservoir_size=400, iters=0)
     vq = VectorQuantizer(3, 16, maintenance=[zero]).train()

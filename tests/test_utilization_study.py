@@ -171,6 +171,10 @@ def test_default_row_is_the_quickstart_quantizer(quickstart: dict) -> None:
             assert m.start(1024) == new.start(1024) == (m.init, m.iters)
             for key in ("init", "iters"):
                 mine.pop(key), theirs.pop(key)
+            # and the final assignment pass, which the library keeps at this K too
+            assert (m.reassign, new.reassign) == (True, None)
+            assert m.reassigns(1024) and new.reassigns(1024)
+            mine.pop("reassign"), theirs.pop("reassign")
         if isinstance(m, DeadCodeRestart):
             # the stored rows keep the restart without its floor; at this K the relative
             # threshold (0.25 x 2,048 / 1,024 = 0.5 per step) is above it either way
@@ -205,6 +209,8 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
         (16384, "default_greedy"): (65536, 11, pp),
         (16384, "default_random"): (65536, 1, (("random", 50), ("random", 20))),
         (16384, "default_nofloor"): (65536, 1, rand),
+        (16384, "default_reassign"): (65536, 1, rand),
+        (65536, "default"): (262144, 1, rand),
         (65536, "restart_floor8"): (262144, 1, rand),
         (8192, "vqfr_full"): (16384, 11, pp),
         (16384, "vqfr_full"): (32768, 11, pp),
@@ -225,10 +231,15 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
         }
         assert got == {trials}, (name, k, got)
         assert tuple(m.start(k) for m in strategies) == starts, (name, k)
+        # only the default skips k-means' final assignment pass, and only past 8,192 codes
+        reassign = {m.reassigns(k) for m in strategies}
+        assert reassign == {not (name == "default" and k > 8192)}, (name, k)
         # the default's restart has the YAML's floor (1/16 token per step); the stored rows
         # were measured without one
         restarts = [m.floor for m in q.maintenance if isinstance(m, DeadCodeRestart)]
-        floor = {"default": 0.0625, "restart_floor8": 0.125}.get(name, 0.0)
+        floor = {"default": 0.0625, "restart_floor8": 0.125, "default_reassign": 0.0625}.get(
+            name, 0.0
+        )
         want = [] if name in ("vqfr_full", "kmeans_init") else [floor]
         assert restarts == want, (name, k, restarts)
     assert paths_for("emoji") == (JSON_REL, MD_REL)
@@ -240,7 +251,8 @@ def test_large_k_rows_grow_the_reservoirs_and_write_their_own_pages(quickstart: 
 def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
     """Rows 17-24 (the sweep that chose the default's floor, the k-means++ pick, the default
     before the limit) are the default with only the dead-code restart's threshold / floor /
-    pick / limit or the usage average's decay changed."""
+    pick / limit or the usage average's decay changed, and k-means' final assignment pass kept
+    as they were measured; row 25 is the default with only that pass kept."""
     ctx = _ctx(quickstart, k=16384, scale=0.3)
     base = build_quantizer("default", ctx)
     # (threshold, floor, usage decay, pick, limit): only the default has the limit, the
@@ -255,6 +267,7 @@ def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
         "floor_decay95": (0.25, 0.0625, 0.95, "random", False),
         "restart_spread": (0.25, 0.0625, 0.99, "k-means++", False),
         "default_nolimit": (0.25, 0.0625, 0.99, "random", False),
+        "default_reassign": (0.25, 0.0625, 0.99, "random", True),
     }
     for name, want in wants.items():
         q = build_quantizer(name, ctx)
@@ -263,6 +276,7 @@ def test_restart_sweep_rows_change_only_the_restart(quickstart: dict) -> None:
         got = (restart.threshold, restart.floor, q.usage.ema_decay, restart.pick, restart.limit)
         assert got == want, name
         assert [repr(m) for m in others] == [repr(m) for m in base.maintenance[:-1]], name
+        assert [m.reassign for m in others] == [None if name == "default" else True] * 2, name
         assert q.ema.decay == base.ema.decay and q.codebook_size == 16384
 
 

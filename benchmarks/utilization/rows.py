@@ -133,9 +133,15 @@ MEASURED_RESTART = {"floor": 0.0, "limit": False}
 UNLIMITED = {"limit": False}
 
 
+# Every row but the default was measured with k-means that ends with a pass assigning the
+# reservoir to the final centers, at every K (the default skips it past 8,192 codes since
+# 2026-12-06, vqkit.quantize.default_reassign; the same k-means up to 8,192)
+MEASURED_REASSIGN = {"reassign": True}
+
+
 def measured_kmeans(strategy: str) -> dict[str, Any]:
     """The start of a k-means strategy (class name) as the stored rows ran it at every K."""
-    return {"init": "k-means++", "iters": KMEANS_ITERS[strategy]}
+    return {"init": "k-means++", "iters": KMEANS_ITERS[strategy], **MEASURED_REASSIGN}
 
 
 def build_from_config(qcfg: dict) -> VectorQuantizer:
@@ -184,6 +190,7 @@ def _reestimate(ctx: Ctx, mode: str) -> KMeansReestimate:
 def _default_with(
     ctx: Ctx,
     *,
+    latest: bool = False,
     pin_reservoir: bool = False,
     measured: bool = False,
     kmeans: dict | None = None,
@@ -198,7 +205,8 @@ def _default_with(
     iterations at every K (``measured_kmeans``) under ``kmeans``. Either one also keeps the
     dead-code restart without its floor and limit (``MEASURED_RESTART``), as those rows were
     measured; ``restart`` then overrides the ``DeadCodeRestart`` arguments, ``quantizer`` the
-    ``VectorQuantizer``'s own."""
+    ``VectorQuantizer``'s own. Unless ``latest`` (the default row), k-means keeps its final
+    assignment pass at every K (``MEASURED_REASSIGN``), as every other row was measured."""
     q = _scaled_quantizer_config(
         ctx.quickstart["quantizer"], ctx.codebook_size, ctx.scale, pin_reservoir=pin_reservoir
     )
@@ -212,6 +220,8 @@ def _default_with(
             a.update(restart or {})
         if name in KMEANS_ITERS:
             a = m.setdefault("init_args", {})
+            if not latest:
+                a.update(MEASURED_REASSIGN)
             if measured:
                 a.update(measured_kmeans(name))
             a.update(kmeans or {})
@@ -321,13 +331,14 @@ ROWS: dict[str, Row] = {
     "default": Row(
         11,
         "vqkit default (quickstart)",
-        lambda c: _default_with(c),
+        lambda c: _default_with(c, latest=True),
         "the quantizer of configs/quickstart.yaml, read from the YAML by the CLI's parser "
         "(reservoirs of 4 vectors per code, at least 16,384; its runs with 2 per code, made "
         "before, are row 13; past 8,192 codes its k-means starts at random reservoir vectors "
         "for 1 Lloyd iteration, its runs with k-means++ and 50 / 20 iterations are row 16; "
         "its dead-code restart has a floor of 1/16 token per step, its runs without one are "
-        "row 17)",
+        "row 17; past 8,192 codes its k-means skips the final assignment pass, its runs with "
+        "it are row 25)",
     ),
     "dead_restart": Row(
         12,
@@ -434,6 +445,15 @@ ROWS: dict[str, Row] = {
         "row 11 with DeadCodeRestart(limit=False): when the dead codes outnumber a step's "
         "tokens every one of them restarts, several on one token, where row 11 restarts the "
         "least used, one per token (they differ only when K > tokens per step)",
+    ),
+    "default_reassign": Row(
+        25,
+        "default with k-means' final assignment pass (the default until commit 1a18a3e)",
+        lambda c: _default_with(c),
+        "row 11 with reassign=True on KMeansInit and KMeansReestimate: past 8,192 codes "
+        "the one-iteration k-means ends with a pass assigning the reservoir to the moved "
+        "centers, whose counts start the new codes' usage, where row 11 takes the counts of "
+        "the clusters the centers were averaged from (the same quantizer up to K = 8,192)",
     ),
 }
 

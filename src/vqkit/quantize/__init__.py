@@ -12,6 +12,7 @@ from .maintenance import (
     MaintenanceEvent,
     default_kmeans_start,
     default_local_trials,
+    default_reassign,
     default_reservoir_size,
 )
 from .quantizer import NonFiniteError, QuantizerOutput, VectorQuantizer, reset_optimizer_state
@@ -39,6 +40,7 @@ __all__ = [
     "VectorQuantizer",
     "default_kmeans_start",
     "default_local_trials",
+    "default_reassign",
     "default_reservoir_size",
     "kmeans",
     "kmeans_plusplus",

@@ -160,6 +160,22 @@ def default_kmeans_start(codebook_size: int, iters: int) -> tuple[str, int]:
     return "random", LARGE_CODEBOOK_ITERS
 
 
+def default_reassign(codebook_size: int) -> bool:
+    """Whether the k-means of ``KMeansInit`` / ``KMeansReestimate`` ends with a pass that
+    assigns the reservoir to the final centers when their ``reassign`` is None: up to 8,192
+    codes yes (the k-means every figure of the shipped configs was measured with), above no.
+    There the default k-means is one Lloyd iteration from a random start, and that last pass
+    is half its work; without it the new codes' counts are the sizes of the clusters they
+    were averaged from, the same counts the EMA's sums hold (:func:`vqkit.quantize.kmeans`)."""
+    return codebook_size <= FULL_KMEANS_MAX_CODES
+
+
+def _check_reassign(reassign: bool | None) -> bool | None:
+    if reassign is not None and not isinstance(reassign, bool):
+        raise TypeError(f"reassign must be a bool or None, got {reassign!r}")
+    return reassign
+
+
 def _check_reservoir_size(size: int | None) -> None:
     if size is not None:
         _check_positive("reservoir_size", size)
@@ -224,6 +240,7 @@ class _KMeansStart:
     DEFAULT_ITERS: int
     init: str | None
     iters: int | None
+    reassign: bool | None
 
     def start(self, codebook_size: int) -> tuple[str, int]:
         """(init, Lloyd iterations) this strategy runs at ``codebook_size`` codes."""
@@ -231,6 +248,11 @@ class _KMeansStart:
         return (init if self.init is None else self.init), (
             iters if self.iters is None else self.iters
         )
+
+    def reassigns(self, codebook_size: int) -> bool:
+        """Whether this strategy's k-means ends with a pass assigning the reservoir to the
+        final centers (``reassign``, else :func:`default_reassign`)."""
+        return default_reassign(codebook_size) if self.reassign is None else self.reassign
 
 
 def _trials(local_trials: int | None, codebook_size: int) -> int | None:
@@ -246,8 +268,9 @@ def _start_text(init: str, local_trials: int | None) -> str:
     return ""
 
 
-def _iters_text(iters: int) -> str:
-    return f"{iters} iteration{'s' * (iters != 1)}"
+def _iters_text(iters: int, reassign: bool = True) -> str:
+    text = f"{iters} iteration{'s' * (iters != 1)}"
+    return text if reassign or iters == 0 else text + " without a final assignment pass"
 
 
 def _tokens_per_step(quantizer: CodebookOwner, z: Tensor) -> int:
@@ -292,6 +315,10 @@ class KMeansInit(_KMeansStart, _Cached):
     ``local_trials``: candidates per k-means++ step; None is :func:`default_local_trials`:
     scikit-learn's greedy best of ``2 + ln K`` up to 8,192 codes, plain k-means++ (1) above,
     where greedy seeding (``K * (2 + ln K)`` passes over the reservoir) would dominate the run.
+    ``reassign``: whether k-means ends with a pass assigning the reservoir to the final centers
+    (their counts start the new codes' usage); None is :func:`default_reassign`: yes up to
+    8,192 codes, no above, where that pass is half the work of the one-iteration k-means and
+    the counts of the clusters the centers were averaged from are used instead.
     ``reservoir_size``: vectors kept (None: :func:`default_reservoir_size`,
     4 per code, at least 16,384); strategies with the same size, dtype, device and seed share one.
     """
@@ -306,6 +333,7 @@ class KMeansInit(_KMeansStart, _Cached):
         iters: int | None = None,
         init: str | None = None,
         local_trials: int | None = None,
+        reassign: bool | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
@@ -319,6 +347,7 @@ class KMeansInit(_KMeansStart, _Cached):
         self.iters = _check_iters(iters)
         self.init = _check_init(init)
         self.local_trials = check_local_trials(local_trials)
+        self.reassign = _check_reassign(reassign)
         self.seed = seed
         self._res_args = (reservoir_dtype, reservoir_device)
         self.register_buffer("done", torch.zeros((), dtype=torch.bool))
@@ -363,6 +392,7 @@ class KMeansInit(_KMeansStart, _Cached):
             iters,
             init=init,
             local_trials=_trials(self.local_trials, k),
+            reassign=self.reassigns(k),
         )
         counts = counts * _tokens_per_step(quantizer, z) / x.shape[0]
         mask = torch.ones(k, dtype=torch.bool, device=quantizer.codebook.device)
@@ -383,8 +413,9 @@ class KMeansInit(_KMeansStart, _Cached):
             when = f"at step {self.warmup_steps} (steps before it pass through unquantized)"
         init, iters = self.start(k)
         start = _start_text(init, _trials(self.local_trials, k))
+        iters_text = _iters_text(iters, self.reassigns(k))
         return (
-            f"k-means init: all {k} codes set to the k-means centers ({_iters_text(iters)}"
+            f"k-means init: all {k} codes set to the k-means centers ({iters_text}"
             f"{start}) of a {self.reservoir.size}-vector reservoir {when}"
         )
 
@@ -406,7 +437,7 @@ class KMeansReestimate(_KMeansStart, Maintenance):
     ``init="random"`` starts the new centers at distinct random reservoir vectors instead of
     k-means++. ``init`` and ``iters`` None (the default) are :func:`default_kmeans_start`:
     k-means++ and 20 Lloyd iterations up to 8,192 codes, a random start and 1 iteration above.
-    ``local_trials`` and ``reservoir_size`` as :class:`KMeansInit`'s.
+    ``local_trials``, ``reassign`` and ``reservoir_size`` as :class:`KMeansInit`'s.
     """
 
     DEFAULT_ITERS = 20  # Lloyd iterations up to 8,192 codes when ``iters`` is None
@@ -424,6 +455,7 @@ class KMeansReestimate(_KMeansStart, Maintenance):
         iters: int | None = None,
         init: str | None = None,
         local_trials: int | None = None,
+        reassign: bool | None = None,
         seed: int = 0,
         reservoir_dtype: str = "float32",
         reservoir_device: str | None = None,
@@ -438,6 +470,7 @@ class KMeansReestimate(_KMeansStart, Maintenance):
             raise ValueError(f"mode must be 'full' or 'dead', got {mode!r}")
         self.init = _check_init(init)
         self.local_trials = check_local_trials(local_trials)
+        self.reassign = _check_reassign(reassign)
         if min_usage < 1:
             raise ValueError(f"min_usage must be >= 1, got {min_usage}")
         self.every = every
@@ -514,6 +547,7 @@ class KMeansReestimate(_KMeansStart, Maintenance):
                 iters,
                 init=init,
                 local_trials=_trials(self.local_trials, k),
+                reassign=self.reassigns(k),
             )
             mask = torch.ones(k, dtype=torch.bool, device=dev)
             detail = "whole codebook"
@@ -561,7 +595,9 @@ class KMeansReestimate(_KMeansStart, Maintenance):
                 existing=codes[~dead],
                 local_trials=_trials(self.local_trials, k),
             )
-        res = kmeans(x, k, init=codes, frozen=~dead, iters=iters, seed=seed)
+        res = kmeans(
+            x, k, init=codes, frozen=~dead, iters=iters, seed=seed, reassign=self.reassigns(k)
+        )
         return res.centers, torch.bincount(res.assignments, minlength=k).float(), res.inertia
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -612,7 +648,8 @@ class KMeansReestimate(_KMeansStart, Maintenance):
         start = _start_text(init, _trials(self.local_trials, k))
         return (
             f"k-means re-estimation ({self.mode}) at {steps}: {what} k-means "
-            f"({_iters_text(iters)}{start}) on a {self.reservoir.size}-vector reservoir"
+            f"({_iters_text(iters, self.reassigns(k))}{start}) on a {self.reservoir.size}-vector"
+            " reservoir"
         )
 
 
