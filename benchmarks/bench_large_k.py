@@ -28,7 +28,9 @@ k-means++ seeding of the first ``--seed-centers`` centers, greedy (its cost per 
 default past 8,192 codes), and one full assignment pass (what every Lloyd iteration costs at
 most; Hamerly's bounds skip most rows after the first) over ``--pass-rows`` reservoir rows,
 scaled to the reservoir, also without the bounds (the default's one pass past 8,192 codes: a
-random start and 1 Lloyd iteration without the final assignment pass). ``--kmeans-only``
+random start and 1 Lloyd iteration without the final assignment pass). Up to
+``--whole-call-max`` codes one whole default ``KMeansReestimate`` call is also timed, measured
+rather than extrapolated. ``--kmeans-only``
 measures the k-means pieces alone and keeps the quantizer rows of the saved ``--json-out``.
 """
 
@@ -57,6 +59,7 @@ except ImportError:  # run as a script from anywhere
     from benchmarks.bench_kmeans import mixture
     from benchmarks.bench_quantizer import floor_fn, peer_fn, vqkit_fn
     from benchmarks.common import machine_info, print_json, update_benchmarks_md, write_json
+from vqkit.quantize import EMAUpdate, KMeansReestimate, VectorQuantizer
 from vqkit.quantize.distance import DEFAULT_MAX_BLOCK, _rows_per_chunk
 from vqkit.quantize.kmeans import _Assigner, greedy_local_trials, kmeans_plusplus
 from vqkit.quantize.maintenance import default_local_trials
@@ -284,7 +287,9 @@ def _fail(row: dict[str, Any], kind: str, info: str, args: argparse.Namespace) -
 # --------------------------------------------------------------------------------------------
 
 
-def _kmeans_pieces(k: int, n: int, dim: int, seed_centers: int, pass_rows: int) -> Callable:
+def _kmeans_pieces(
+    k: int, n: int, dim: int, seed_centers: int, pass_rows: int, whole_call: bool = False
+) -> Callable:
     def build() -> Callable[[], dict[str, float]]:
         # the reservoir: k clusters of n / k points each on average (bench_kmeans' mixture)
         x = mixture(n, dim, k, sigma=0.75)
@@ -313,7 +318,22 @@ def _kmeans_pieces(k: int, n: int, dim: int, seed_centers: int, pass_rows: int) 
             # (a random start, 1 Lloyd iteration, no final assignment pass)
             _Assigner(rows, rows.pow(2).sum(1), k, None).start(centers, None, bounds=False)
             t4 = time.perf_counter()
-            return {
+            whole = {}
+            if whole_call:
+                # one real default KMeansReestimate call on the whole reservoir, not
+                # extrapolated: a quantizer whose reservoir holds x, re-estimated once
+                vq = VectorQuantizer(
+                    dim,
+                    k,
+                    ema=EMAUpdate(),
+                    maintenance=[KMeansReestimate(every=2**30, until=None, reservoir_size=n)],
+                )
+                re = vq.maintenance[0]
+                re.reservoir.add(x)
+                t5 = time.perf_counter()
+                replaced = re.reestimate(vq, step=1, tokens_per_step=4096)
+                whole = {"call_seconds": time.perf_counter() - t5, "call_replaced": replaced}
+            return whole | {
                 "seed_small_seconds": t1 - t0,
                 "seed_seconds": t2 - t1,
                 "plain_small_seconds": p1 - t2,
@@ -336,8 +356,9 @@ def _kmeans_worker(  # noqa: ANN201
     pass_rows: int,
     threads: int,
     budget: float,
+    whole_call: bool = False,
 ):
-    build = _kmeans_pieces(k, n, dim, seed_centers, pass_rows)
+    build = _kmeans_pieces(k, n, dim, seed_centers, pass_rows, whole_call)
     pieces: dict[str, float] = {}
 
     def step() -> Callable[[], None]:
@@ -361,8 +382,17 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
         "seed_centers_measured": seed_centers,
         "pass_rows_measured": pass_rows,
     }
+    whole_call = k <= args.whole_call_max
     w = Worker(
-        _kmeans_worker, k, n, args.dim, seed_centers, pass_rows, args.threads, args.budget_gb * GB
+        _kmeans_worker,
+        k,
+        n,
+        args.dim,
+        seed_centers,
+        pass_rows,
+        args.threads,
+        args.budget_gb * GB,
+        whole_call,
     )
     kind, info = w.recv()
     if kind == "ready":
@@ -408,6 +438,8 @@ def run_kmeans(k: int, args: argparse.Namespace) -> dict[str, Any]:
             # the default past 8,192 codes: a random start, 1 Lloyd iteration, no final
             # assignment pass: one pass without bounds
             "call_seconds_default": plain_pass_s,
+            # and that call measured whole (K <= --whole-call-max)
+            "call_seconds_default_measured": pieces.get("call_seconds"),
             "peak_extra_mib": peak / MIB if kind == "peak" else None,
             "reservoir_mib": n * args.dim * 4 / MIB,
         }
@@ -496,21 +528,24 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
             "`local_trials=None` past 8,192 codes) and one full assignment pass over some "
             "reservoir rows (times the reservoir's rows), with and without the bounds; a Lloyd "
             "iteration costs at most one full pass, so the call figures are upper bounds for the "
-            "Lloyd part. Peak extra: "
-            "above the reservoir, during the measured pieces.",
+            "Lloyd part. *measured: default call*: one whole default call timed, where K <= "
+            f"{args.whole_call_max:,} (`--whole-call-max`). Peak extra: "
+            "above the reservoir, during the measured pieces (the whole call included where it "
+            "ran: its quantizer keeps a copy of the reservoir).",
             "",
             "| codes K | reservoir | measured | seeding: greedy / plain "
             "| one full pass: bounds / none "
             "| call: greedy / plain | call: random start, 1 iteration (default) "
-            "| call (warm_start) | peak extra MiB | vector-quantize-pytorch kmeans |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+            "| measured: default call | call (warm_start) | peak extra MiB "
+            "| vector-quantize-pytorch kmeans |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in km:
             peer = f"{r['peer_status']} (needs {r['peer_needs_gb']:,.0f} GB: N x K distances)"
             if not r.get("status", "").startswith("ok"):
                 lines.append(
                     f"| {r['codes']:,} | {r['reservoir']:,} | {r['status']}: {r.get('note', '')} "
-                    f"| | | | | | | {peer} |"
+                    f"| | | | | | | | {peer} |"
                 )
                 continue
             measured = (
@@ -520,6 +555,7 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
             )
             peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:,.0f}"
             plain_pass = r.get("plain_pass_seconds")
+            whole = r.get("call_seconds_default_measured")
             if plain_pass is not None:
                 measured += f" ({r['plain_pass_seconds_measured']:.1f} s without bounds)"
             lines.append(
@@ -528,6 +564,7 @@ def markdown(args: argparse.Namespace, rows: list[dict], km: list[dict], cmd: st
                 f"{'-' if plain_pass is None else _dur(plain_pass)} | "
                 f"{_dur(r['call_seconds_full'])} / {_dur(r['call_seconds_plain'])} | "
                 f"{_dur(r.get('call_seconds_default', 2 * r['pass_seconds']))} | "
+                f"{'-' if whole is None else _dur(whole)} | "
                 f"{_dur(r['call_seconds_warm_start'])} | {peak} | {peer} |"
             )
     return "\n".join(lines)
@@ -591,6 +628,12 @@ def main() -> None:
     p.add_argument("--reservoir-factor", type=int, default=4, help="k-means reservoir = this x K")
     p.add_argument("--seed-centers", type=int, default=96, help="k-means++ centers measured")
     p.add_argument("--pass-rows", type=int, default=4096, help="rows of the measured pass")
+    p.add_argument(
+        "--whole-call-max",
+        type=int,
+        default=65536,
+        help="also time one whole default KMeansReestimate call up to this many codes",
+    )
     p.add_argument("--json-out", type=Path, default=Path("benchmarks/results/large_k.json"))
     p.add_argument("--no-write", action="store_true", help="no JSON file, no BENCHMARKS.md")
     p.add_argument("--from-json", type=Path, default=None, help="re-render a saved run's tables")
