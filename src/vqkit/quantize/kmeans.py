@@ -542,7 +542,7 @@ class _Assigner:
 
     def __init__(self, x: Tensor, xsq: Tensor, k: int, chunk_size: int | None) -> None:
         n = x.shape[0]
-        self.x, self.xsq, self.k = x, xsq, k
+        self.x, self.xsq, self.k, self.chunk_size = x, xsq, k, chunk_size
         self.rows = _rows_per_chunk(k, chunk_size, DEFAULT_MAX_BLOCK)
         self.budget = _budget(k, chunk_size)
         dev = x.device
@@ -561,13 +561,24 @@ class _Assigner:
     def start(self, centers: Tensor, seeded: Tensor | None, bounds: bool = True) -> None:
         """Initial assignment: a full pass, or ``seeded`` (each point's nearest center, known
         from k-means++), which comes without bounds, so the first update is a full pass.
-        ``bounds=False``: the full pass skips the bounds (no ``update`` may follow)."""
+        ``bounds=False``: the full pass is a plain nearest-center search without bounds
+        (:func:`~vqkit.quantize.distance.nearest`, in its column tiles past 16,384 codes), after
+        which an ``update`` is a full pass again."""
         self._set(centers)
         self.unbounded = seeded is not None or not bounds
-        if seeded is None:
-            self._scan(None, bounds)
-        else:
+        if seeded is not None:
             self.assign.copy_(seeded)
+        elif bounds:
+            self._scan(None)
+        else:
+            idx, _ = nearest(
+                self.x,
+                centers,
+                chunk_size=self.chunk_size,
+                return_distances=False,
+                c_sqnorm=self.csq,
+            )
+            self.assign.copy_(idx)
 
     def invalidate(self, idx: Tensor) -> None:
         # Reassigned by hand: the lower bound no longer covers the old center, so force a full
@@ -575,9 +586,9 @@ class _Assigner:
         self.upper[idx] = float("inf")
         self.lower[idx] = 0.0
 
-    def _scan(self, idx: Tensor | None, bounds: bool = True) -> int:
-        """Recompute the assignment and (unless ``bounds`` is False) the bounds of rows ``idx``
-        (all when None) against every center; returns how many assignments changed."""
+    def _scan(self, idx: Tensor | None) -> int:
+        """Recompute the assignment and bounds of rows ``idx`` (all when None) against every
+        center; returns how many assignments changed."""
         x, xsq, rows = self.x, self.xsq, self.rows
         m = x.shape[0] if idx is None else idx.shape[0]
         ct = self.centers.t()
@@ -593,8 +604,6 @@ class _Assigner:
             best, a = scores.min(1)
             changed += (a != self.assign[sel]).sum()
             self.assign[sel] = a
-            if not bounds:
-                continue
             slack = self._slack(xq)
             self.upper[sel] = (best + xq + slack).clamp_min_(0.0).sqrt_()
             if self.k > 1:
