@@ -223,7 +223,62 @@ def model_step(batch: int, steps: int, threads: int) -> dict:
         "params": params,
         "step_s": s,
         "images_per_s": batch / s,
+        "gflop_per_image": step_flops(model, images) / batch / 1e9,
     }
+
+
+def step_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one forward + backward, as ``torch.utils.flop_counter``
+    counts them: convolutions, matmuls and attention; normalization, activations and the
+    optimizer are not counted (memory-bound on a GPU, and small beside these)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(images)
+        (F.l1_loss(out.reconstructions, images) + out.vq_loss).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# What a GPU step would need from the loader, from the step's FLOPs: sustained TFLOP/s on the
+# convolutions and matmuls. An H100 SXM's dense bf16 / fp16 peak is 989 TFLOP/s; a ResNet
+# autoencoder with GroupNorm and mixed precision sustains a fraction of it.
+GPU_TFLOPS = (100, 200, 400)
+
+
+def anime_workers() -> int:
+    """``data.num_workers`` of configs/vqvae_anime.yaml."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "vqvae_anime.yaml").read_text())
+    return int(cfg["data"]["num_workers"])
+
+
+def gpu_feed(result: dict) -> list[dict]:
+    """Per sustained GPU rate: the images/s a step at that rate takes, and how many loader
+    processes at the disk cache's rate without workers (warm page cache) that is."""
+    gflop = result["model_step"]["gflop_per_image"]
+    disk = [
+        r["images_per_s"]
+        for m in result["modes"]
+        if m["cache_images"] == "disk"
+        for r in m["rows"]
+        if r["workers"] == 0 and r["page_cache"] == "warm"
+    ]
+    per_process = disk[0] if disk else None
+    rows = []
+    for tflops in GPU_TFLOPS:
+        rate = tflops * 1e3 / gflop
+        rows.append(
+            {
+                "tflops": tflops,
+                "images_per_s": rate,
+                "loader_processes": rate / per_process if per_process else None,
+            }
+        )
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -259,18 +314,45 @@ def markdown(result: dict) -> str:
         "Peak RSS is the process's whole life (setup included; torch alone is most of it); a "
         "worker's is the largest of its workers, and counts the pages it shares with the main "
         "process after the fork. Workers run 1 torch thread each; the row with "
-        f"{info['torch_threads']} threads and no workers is the training process's setting: "
-        "on this machine, whose 2 cores other jobs were using, each small tensor op of the "
-        "augmentation then waits for the second thread. The model step beside it: "
+        f"{info['torch_threads']} threads and no workers is the training process's setting "
+        "(on cores busy with other jobs each small tensor op of the augmentation then waits "
+        "for the second thread: 11 images/s in a run of 2026-11-29 under load). The model "
+        "step beside it: "
         f"`configs/vqvae_anime.yaml`'s ResNetVQModel ({m['params'] / 1e6:.1f} M parameters, "
         f"{m['resolution']} px), forward + backward + AdamW, batch {m['batch']}, fp32 on this "
         f"CPU with {info['torch_threads']} threads: {m['step_s']:.1f} s a step, "
         f"**{m['images_per_s']:.2f} images/s**, so every "
         "loader row above keeps up on this CPU by a wide margin. On a GPU the loader must "
         f"deliver {BATCH} / (step time) images/s per GPU: a row's images/s divided by {BATCH} "
-        "is the most steps a second it feeds. The step time of seed 004's model at batch 32 on "
-        "a modern GPU is a figure we did not measure; with `num_workers: 8` (the config's) the "
-        "workers' rates add up until the cores run out.",
+        "is the most steps a second it feeds.",
+        "",
+        f"On a GPU (not measured: no GPU here). The step does **{m['gflop_per_image']:.0f} GFLOP "
+        "an image** (forward + backward, 2 per multiply-add, counted by "
+        "`torch.utils.flop_counter`: convolutions, matmuls and attention; the VQ-GAN's "
+        "discriminator and LPIPS come on top). What a GPU sustaining a given rate on them would "
+        "take from the loader, and how many loader processes at the disk cache's rate above "
+        "(no workers, warm page cache: one core each) that is; an H100's dense bf16 / fp16 peak "
+        "is 989 TFLOP/s, of which a convolutional autoencoder with GroupNorm sustains a "
+        "fraction:",
+        "",
+        "| sustained TFLOP/s | images/s the step takes | steps/s at batch 32 "
+        "| loader processes (cores) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in result["gpu_feed"]:
+        procs = f"{row['loader_processes']:.1f}" if row["loader_processes"] else "-"
+        lines.append(
+            f"| {row['tflops']} | {row['images_per_s']:,.0f} | "
+            f"{row['images_per_s'] / BATCH:.1f} | {procs} |"
+        )
+    most = max((r["loader_processes"] or 0) for r in result["gpu_feed"])
+    workers = anime_workers()
+    lines += [
+        "",
+        f"The anime configs' `num_workers: {workers}` is {workers / most:.1f} "
+        "times the most loader processes this table asks for, if a worker keeps the rate of "
+        "one loader process, which depends on the machine's cores and memory bandwidth: this "
+        "2-core machine cannot show 8 workers side by side.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -350,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": modes,
         "model_step": step,
     }
+    result["gpu_feed"] = gpu_feed(result)
     print_json(result)
     md = markdown(result)
     print(md)
