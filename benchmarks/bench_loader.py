@@ -21,6 +21,8 @@ so worker start-up is left out. The loader's process runs ``--loader-threads`` t
 slower: every small tensor op of the augmentation then waits for a second thread. The model
 step is forward + backward + AdamW of the 256 px ResNetVQModel of ``configs/vqvae_anime.yaml``
 (its ``init_args``; L1 + VQ loss, no LPIPS, no codebook maintenance schedule, fp32 on this CPU).
+Its FLOPs (``torch.utils.flop_counter``) give what a GPU at a few sustained TFLOP/s would take
+from the loader: an estimate for a machine without a GPU, not a GPU measurement.
 """
 
 from __future__ import annotations
@@ -346,14 +348,19 @@ def markdown(result: dict) -> str:
             f"{row['images_per_s'] / BATCH:.1f} | {procs} |"
         )
     most = max((r["loader_processes"] or 0) for r in result["gpu_feed"])
-    workers = anime_workers()
-    lines += [
-        "",
-        f"The anime configs' `num_workers: {workers}` is {workers / most:.1f} "
-        "times the most loader processes this table asks for, if a worker keeps the rate of "
-        "one loader process, which depends on the machine's cores and memory bandwidth: this "
-        "2-core machine cannot show 8 workers side by side.",
-    ]
+    workers, cores = anime_workers(), info.get("cpu_cores") or 0
+    if most > 0:
+        lines += [
+            "",
+            f"The anime configs' `num_workers: {workers}` is {workers / most:.1f} times the most "
+            "loader processes this table asks for, if a worker keeps the rate of one loader "
+            "process, which depends on the machine's cores and memory bandwidth"
+            + (
+                f": this {cores}-core machine cannot show {workers} workers side by side."
+                if cores < workers
+                else "."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -62,3 +62,34 @@ def test_gpu_feed_divides_the_rate_by_the_step_and_the_loader() -> None:
         assert r["loader_processes"] == pytest.approx(r["images_per_s"] / 500.0, rel=1e-12)
     result["modes"].pop()
     assert all(r["loader_processes"] is None for r in gpu_feed(result))
+
+
+def test_stored_result_renders_to_the_committed_section() -> None:
+    """BENCHMARKS.md's loader section is the script's rendering of the stored JSON."""
+    import json
+    import re
+
+    from benchmarks.bench_loader import ROOT, markdown
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "loader.json").read_text())
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    block = re.search(r"<!-- bench:loader -->\n(.*?)<!-- /bench:loader -->", text, re.DOTALL)
+    assert block is not None
+    body = block.group(1).split("\n\n", 1)[1]  # after the "Measured on ..." stamp
+    assert body.strip() == markdown(result).strip()
+    assert f"{result['model_step']['gflop_per_image']:.0f} GFLOP an image" in body
+
+
+def test_markdown_without_a_disk_row_leaves_the_worker_sentence_out() -> None:
+    import json
+
+    from benchmarks.bench_loader import ROOT, markdown
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "loader.json").read_text())
+    result["modes"] = [m for m in result["modes"] if m["cache_images"] != "disk"]
+    result["gpu_feed"] = gpu_feed(result)
+    md = markdown(result)
+    assert "times the most loader processes" not in md
+    for tflops in GPU_TFLOPS:  # the GPU-feed rows show no loader processes
+        (line,) = [x for x in md.splitlines() if x.startswith(f"| {tflops} | ")]
+        assert line.endswith("| - |")
