@@ -189,7 +189,6 @@ def run_child(
 def model_step(batch: int, steps: int, threads: int) -> dict:
     """Seconds per forward + backward + AdamW step of the vqvae_anime model on this CPU."""
     import jsonargparse
-    import torch.nn.functional as F
     import yaml
 
     from vqkit.models import ResNetVQModel
@@ -210,8 +209,7 @@ def model_step(batch: int, steps: int, threads: int) -> dict:
     def step() -> float:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = model(images)
-        (F.l1_loss(out.reconstructions, images) + out.vq_loss).backward()
+        step_loss(model, images).backward()
         opt.step()
         return time.perf_counter() - t0
 
@@ -229,17 +227,21 @@ def model_step(batch: int, steps: int, threads: int) -> dict:
     }
 
 
+def step_loss(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The step's loss: L1 reconstruction + the quantizer's loss (no LPIPS)."""
+    out = model(images)
+    return torch.nn.functional.l1_loss(out.reconstructions, images) + out.vq_loss
+
+
 def step_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
     """FLOPs (2 per multiply-add) of one forward + backward, as ``torch.utils.flop_counter``
     counts them: convolutions, matmuls and attention; normalization, activations and the
     optimizer are not counted (memory-bound on a GPU, and small beside these)."""
-    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model(images)
-        (F.l1_loss(out.reconstructions, images) + out.vq_loss).backward()
+        step_loss(model, images).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -333,8 +335,8 @@ def markdown(result: dict) -> str:
         "`torch.utils.flop_counter`: convolutions, matmuls and attention; the VQ-GAN's "
         "discriminator and LPIPS come on top). What a GPU sustaining a given rate on them would "
         "take from the loader, and how many loader processes at the disk cache's rate above "
-        "(no workers, warm page cache: one core each) that is; an H100's dense bf16 / fp16 peak "
-        "is 989 TFLOP/s, of which a convolutional autoencoder with GroupNorm sustains a "
+        "(no workers, warm page cache: one core each) that is; an H100 SXM's dense bf16 / fp16 "
+        "peak is 989 TFLOP/s, of which a convolutional autoencoder with GroupNorm sustains a "
         "fraction:",
         "",
         "| sustained TFLOP/s | images/s the step takes | steps/s at batch 32 "
